@@ -1,0 +1,131 @@
+"""Mamba-2 state-space duality (SSD): the chunked scan for training and prefill, and the one-step recurrence for decode.
+
+Recurrence per head h with state S (P, N):  S_t = exp(dt_t A) S_{t-1} + dt_t x_t B_t^T,   y_t = S_t C_t + D x_t.
+Heads are split into G contiguous groups; head h reads B and C of group h // (H / G).
+All math runs in fp32, or float64 when given float64; outputs come in that dtype.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from kernels.backends import fast_path
+
+
+def ssd_chunk_scan(
+    x: torch.Tensor,
+    dt: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D: torch.Tensor | None,
+    chunk_size: int,
+    initial_state: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Chunked SSD scan over a whole sequence of any length.
+
+    x (b, t, h, p); dt (b, t, h), already softplus'd and clamped; A (h,), negative; B, C (b, t, g, n); D (h,) or None;
+    initial_state (b, h, p, n) or None. Returns y (b, t, h, p) and the final state (b, h, p, n), both fp32.
+    """
+    if fast_path("ssd", x.is_cuda) == "mamba_ssm":
+        return _mamba_ssm_chunk_scan(x, dt, A, B, C, D, chunk_size, initial_state)
+    return ssd_chunk_scan_reference(x, dt, A, B, C, D, chunk_size, initial_state)
+
+
+def ssd_chunk_scan_reference(x, dt, A, B, C, D, chunk_size, initial_state=None):
+    """The PyTorch reference of `ssd_chunk_scan` (same arguments and results)."""
+    b, t, h, p = x.shape
+    g, n = B.shape[-2:]
+    r = h // g
+    L = chunk_size
+    pad = (-t) % L
+    f = torch.promote_types(x.dtype, torch.float32)
+    x, dt, B, C, A = (v.to(f) for v in (x, dt, B, C, A))
+    xs = x
+    # Zero padding at the end leaves the final state exact: dt = 0 means no decay and no input.
+    if pad:
+        x, B, C = (F.pad(v, (0, 0, 0, 0, 0, pad)) for v in (x, B, C))
+        dt = F.pad(dt, (0, 0, 0, pad))
+    c = (t + pad) // L
+    X = (x * dt[..., None]).view(b, c, L, g, r, p)
+    Adt = (dt * A).view(b, c, L, g, r).permute(0, 1, 3, 4, 2)  # (b, c, g, r, l)
+    Bc = B.view(b, c, L, g, n)
+    Cc = C.view(b, c, L, g, n)
+    A_cum = Adt.cumsum(-1)
+
+    # Within a chunk: a masked, attention-like quadratic form.
+    decay = torch.exp(_segment_sum(Adt))  # (b, c, g, r, l, s)
+    scores = torch.einsum("bclgn,bcsgn->bcgls", Cc, Bc)
+    y = torch.einsum("bcgrls,bcsgrp->bclgrp", scores[:, :, :, None] * decay, X)
+
+    # Each chunk's own contribution to the state at its end.
+    to_end = torch.exp(A_cum[..., -1:] - A_cum)  # (b, c, g, r, l)
+    chunk_states = torch.einsum("bclgn,bcgrl,bclgrp->bcgrpn", Bc, to_end, X)
+
+    # Across chunks: pass the state along, one step per chunk.
+    state = (
+        initial_state.to(f).view(b, g, r, p, n)
+        if initial_state is not None
+        else x.new_zeros(b, g, r, p, n)
+    )
+    chunk_decay = torch.exp(A_cum[..., -1])  # (b, c, g, r)
+    starts = []
+    for i in range(c):
+        starts.append(state)
+        state = chunk_decay[:, i, :, :, None, None] * state + chunk_states[:, i]
+    start_states = torch.stack(starts, dim=1)  # (b, c, g, r, p, n)
+
+    # What the state at the chunk start contributes to each position in the chunk.
+    y = y + torch.einsum("bclgn,bcgrpn,bcgrl->bclgrp", Cc, start_states, torch.exp(A_cum))
+    y = y.reshape(b, c * L, h, p)[:, :t]
+    if D is not None:
+        y = y + D.to(f)[:, None] * xs
+    return y, state.reshape(b, h, p, n)
+
+
+def _segment_sum(a: torch.Tensor) -> torch.Tensor:
+    """out[..., i, j] = a[j+1] + ... + a[i] for j <= i, -inf above the diagonal; summed directly for fp32 accuracy."""
+    L = a.size(-1)
+    expanded = a[..., None].expand(*a.shape, L)  # [..., k, j] = a[k]
+    below = torch.tril(torch.ones(L, L, dtype=torch.bool, device=a.device), diagonal=-1)
+    sums = expanded.masked_fill(~below, 0).cumsum(dim=-2)
+    keep = torch.tril(torch.ones(L, L, dtype=torch.bool, device=a.device))
+    return sums.masked_fill(~keep, float("-inf"))
+
+
+def ssd_step(
+    state: torch.Tensor,
+    x: torch.Tensor,
+    dt: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One decode step. state (b, h, p, n); x (b, h, p); dt (b, h); B, C (b, g, n).
+
+    Returns y (b, h, p) and the new state, in fp32 (float64 for float64 inputs); the caller stores the state in its
+    cache dtype.
+    """
+    b, h, p = x.shape
+    g, n = B.shape[-2:]
+    f = torch.promote_types(x.dtype, torch.float32)
+    x, dt, A = x.to(f), dt.to(f), A.to(f)
+    Bh = B.to(f)[:, :, None].expand(b, g, h // g, n).reshape(b, h, n)
+    Ch = C.to(f)[:, :, None].expand(b, g, h // g, n).reshape(b, h, n)
+    decay = torch.exp(dt * A)
+    new_state = decay[..., None, None] * state.to(f) + (dt[..., None] * x)[..., None] * Bh[:, :, None, :]
+    y = torch.einsum("bhpn,bhn->bhp", new_state, Ch)
+    if D is not None:
+        y = y + D.to(f)[:, None] * x
+    return y, new_state
+
+
+def _mamba_ssm_chunk_scan(x, dt, A, B, C, D, chunk_size, initial_state):
+    from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined
+
+    y, final = mamba_chunk_scan_combined(
+        x, dt, A.float(), B, C, chunk_size, D=D, initial_states=initial_state, return_final_states=True
+    )
+    return y.float(), final.float()

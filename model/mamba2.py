@@ -1,0 +1,67 @@
+"""The Mamba-2 mixer: in_proj -> causal depthwise conv + SiLU -> SSD scan -> gated grouped RMSNorm -> out_proj."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kernels import causal_conv1d, causal_conv1d_step, ssd_chunk_scan, ssd_step
+from model.config import ModelConfig
+from model.norm import GatedRMSNorm
+
+
+class Mamba2Mixer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        H, inner, conv_dim = cfg.mamba_num_heads, cfg.mamba_inner, cfg.mamba_conv_dim
+        # in_proj output splits as z (inner) | xBC (conv_dim) | dt (H).
+        self.in_proj = nn.Linear(cfg.hidden_size, inner + conv_dim + H, bias=False)
+        self.conv1d = nn.Conv1d(conv_dim, conv_dim, cfg.conv_kernel, groups=conv_dim, bias=cfg.use_conv_bias)
+        self.dt_bias = nn.Parameter(torch.empty(H))
+        self.A_log = nn.Parameter(torch.empty(H))
+        self.D = nn.Parameter(torch.empty(H))
+        self.norm = GatedRMSNorm(inner, cfg.mamba_groups, cfg.norm_eps)
+        self.out_proj = nn.Linear(inner, cfg.hidden_size, bias=False)
+
+    @torch.no_grad()
+    def reset_ssm_parameters(self) -> None:
+        """A = -(1..H), D = 1, dt_bias = softplus^-1 of a log-uniform dt in [time_step_min, time_step_max]."""
+        cfg, H = self.cfg, self.cfg.mamba_num_heads
+        self.A_log.copy_(torch.log(torch.arange(1, H + 1, dtype=torch.float32)))
+        self.D.fill_(1.0)
+        lo, hi = math.log(cfg.time_step_min), math.log(cfg.time_step_max)
+        dt = torch.exp(torch.rand(H) * (hi - lo) + lo).clamp(min=cfg.time_step_floor)
+        self.dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))
+
+    def forward(self, u: torch.Tensor, cache=None) -> torch.Tensor:
+        """u (b, t, d). With a cache (model.cache.MambaCache) the scan starts from, and updates, its states."""
+        cfg = self.cfg
+        b, t, _ = u.shape
+        H, P, G, N = cfg.mamba_num_heads, cfg.mamba_head_dim, cfg.mamba_groups, cfg.ssm_state_size
+        z, xBC, dt = self.in_proj(u).split([cfg.mamba_inner, cfg.mamba_conv_dim, H], dim=-1)
+        dt = F.softplus(dt.float() + self.dt_bias.float()).clamp(min=cfg.dt_floor)
+        A = -torch.exp(self.A_log.float())
+        weight, bias = self.conv1d.weight[:, 0], self.conv1d.bias
+
+        if cache is not None and t == 1:
+            xBC, conv_state = causal_conv1d_step(xBC[:, 0], cache.conv, weight, bias)
+            x, B, C = xBC.split([cfg.mamba_inner, G * N, G * N], dim=-1)
+            y, ssm_state = ssd_step(
+                cache.ssm, x.view(b, H, P), dt[:, 0], A, B.view(b, G, N), C.view(b, G, N), self.D
+            )
+            y = y[:, None]
+        else:
+            xBC, conv_state = causal_conv1d(xBC, weight, bias, None if cache is None else cache.conv)
+            x, B, C = xBC.split([cfg.mamba_inner, G * N, G * N], dim=-1)
+            y, ssm_state = ssd_chunk_scan(
+                x.view(b, t, H, P), dt, A, B.view(b, t, G, N), C.view(b, t, G, N), self.D,
+                cfg.chunk_size, None if cache is None else cache.ssm,
+            )
+        if cache is not None:
+            cache.store(conv_state, ssm_state)
+        y = self.norm(y.reshape(b, t, -1), z, u.dtype)
+        return self.out_proj(y)

@@ -1,0 +1,21 @@
+"""The dense relu^2 MLP: down(relu(up(x))^2), no gate, no bias. Also the shared expert of LatentMoE."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def relu2(x: torch.Tensor) -> torch.Tensor:
+    return F.relu(x).square()
+
+
+class MLP(nn.Module):
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.up_proj = nn.Linear(dim, hidden, bias=False)
+        self.down_proj = nn.Linear(hidden, dim, bias=False)
+
+    def forward(self, x: torch.Tensor, cache=None) -> torch.Tensor:
+        return self.down_proj(relu2(self.up_proj(x)))

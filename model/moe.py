@@ -1,0 +1,77 @@
+"""LatentMoE: a sigmoid router on the full width, routed relu^2 experts in a latent width, a shared expert on the full width.
+
+    y = fc2_latent( sum_{i in TopK(s + b)} w_i E_i(fc1_latent(x)) ) + Shared(x),   s = sigmoid(W_g x) in fp32,
+    w_i = routed_scaling * s_i / (sum_selected s_j + 1e-20)   (renormalised when norm_topk_prob)
+
+The expert bias b (e_score_correction_bias) only chooses experts; it never enters the weights.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from kernels import group_by_expert, grouped_mm
+from model.config import ModelConfig
+from model.mlp import MLP, relu2
+
+
+class Router(nn.Module):
+    """Weights and bias stay fp32 whatever the model dtype: routing decisions are sensitive to rounding."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.top_k = cfg.num_experts_per_tok
+        self.scaling = cfg.routed_scaling_factor
+        self.renormalise = cfg.norm_topk_prob
+        self.weight = nn.Parameter(torch.empty(cfg.n_routed_experts, cfg.hidden_size, dtype=torch.float32))
+        self.register_buffer("e_score_correction_bias", torch.zeros(cfg.n_routed_experts, dtype=torch.float32))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x (tokens, d) -> scores (tokens, E) fp32, chosen expert ids (tokens, k), their weights (tokens, k) fp32."""
+        scores = torch.sigmoid(x.float() @ self.weight.float().T)
+        chosen = torch.topk(scores + self.e_score_correction_bias, self.top_k, dim=-1, sorted=False).indices
+        weights = scores.gather(1, chosen)
+        if self.renormalise:
+            weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
+        return scores, chosen, weights * self.scaling
+
+
+class Experts(nn.Module):
+    """Routed experts stacked as (E, out, in), the transformers-5 layout: up (E, m, l), down (E, l, m)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        E, m, l = cfg.n_routed_experts, cfg.moe_intermediate_size, cfg.expert_width
+        self.up_proj = nn.Parameter(torch.empty(E, m, l))
+        self.down_proj = nn.Parameter(torch.empty(E, l, m))
+
+    def forward(self, x: torch.Tensor, chosen: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """x (tokens, l); each token's k copies run through their experts, weighted and summed in fp32."""
+        k = chosen.shape[1]
+        order, counts = group_by_expert(chosen, self.up_proj.shape[0])
+        token = order // k
+        h = relu2(grouped_mm(x[token], self.up_proj, counts))
+        out = grouped_mm(h, self.down_proj, counts).float() * weights.reshape(-1)[order, None]
+        return torch.zeros(x.shape[0], out.shape[1], device=x.device).index_add_(0, token, out).to(x.dtype)
+
+
+class LatentMoE(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.gate = Router(cfg)
+        self.experts = Experts(cfg)
+        self.shared_experts = MLP(cfg.hidden_size, cfg.moe_shared_expert_intermediate_size)
+        latent = cfg.moe_latent_size
+        self.fc1_latent_proj = nn.Linear(cfg.hidden_size, latent, bias=False) if latent else nn.Identity()
+        self.fc2_latent_proj = nn.Linear(latent, cfg.hidden_size, bias=False) if latent else nn.Identity()
+        self.last_routing: tuple[torch.Tensor, torch.Tensor] | None = None
+        """(scores, chosen) of the last training forward, for load balancing and MaxVio; None in eval."""
+
+    def forward(self, x: torch.Tensor, cache=None) -> torch.Tensor:
+        shape = x.shape
+        flat = x.reshape(-1, shape[-1])
+        scores, chosen, weights = self.gate(flat)
+        self.last_routing = (scores, chosen) if self.training else None
+        routed = self.fc2_latent_proj(self.experts(self.fc1_latent_proj(flat), chosen, weights))
+        return (routed + self.shared_experts(flat)).view(shape)
