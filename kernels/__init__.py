@@ -1,18 +1,24 @@
-"""The kernel core: one function per hot op, each a PyTorch reference with fast paths chosen at run time."""
+"""The kernel core: one function per hot op, each a PyTorch reference with fast paths chosen at run time.
 
-from kernels.attention import attention
-from kernels.backends import configure
-from kernels.conv import causal_conv1d, causal_conv1d_step
-from kernels.moe import group_by_expert, grouped_mm
-from kernels.ssd import ssd_chunk_scan, ssd_step
+Exports resolve on first use, so `kernels.backends` (the backend names presets validate against) imports without torch.
+"""
 
-__all__ = [
-    "attention",
-    "causal_conv1d",
-    "causal_conv1d_step",
-    "configure",
-    "group_by_expert",
-    "grouped_mm",
-    "ssd_chunk_scan",
-    "ssd_step",
-]
+import importlib
+
+_EXPORTS = {
+    "attention": "kernels.gqa",
+    "causal_conv1d": "kernels.conv",
+    "causal_conv1d_step": "kernels.conv",
+    "configure": "kernels.backends",
+    "group_by_expert": "kernels.moe",
+    "grouped_mm": "kernels.moe",
+    "ssd_chunk_scan": "kernels.ssd",
+    "ssd_step": "kernels.ssd",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'kernels' has no attribute {name!r}")

@@ -1,9 +1,24 @@
 """The model core: config, layers, the hybrid model, its cache and Hugging Face checkpoint I/O. Knows nothing of the
-CLI, presets, files beyond checkpoints, or the network."""
+CLI, presets, files beyond checkpoints, or the network.
 
-from model.cache import HybridCache
-from model.checkpoint import from_pretrained, save_pretrained
-from model.config import ModelConfig
-from model.hybrid import NemotronH, build
+Exports resolve on first use, so `model.errors` and `model.config` import without torch (the CLI starts fast).
+"""
 
-__all__ = ["HybridCache", "ModelConfig", "NemotronH", "build", "from_pretrained", "save_pretrained"]
+import importlib
+
+_EXPORTS = {
+    "HybridCache": "model.cache",
+    "ModelConfig": "model.config",
+    "NemotronH": "model.hybrid",
+    "build": "model.hybrid",
+    "from_pretrained": "model.checkpoint",
+    "resolve_checkpoint": "model.checkpoint",
+    "save_pretrained": "model.checkpoint",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'model' has no attribute {name!r}")

@@ -128,6 +128,24 @@ def config_to_hf(cfg: ModelConfig, dtype: torch.dtype) -> dict:
 
 
 # --- reading --------------------------------------------------------------------------------------------------------
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A checkpoint directory as given, or the newest checkpoint of a run folder.
+
+    A run folder (what `n3 pretrain` and the other training stages write) holds `checkpoints/step-<8 digits>/`, each
+    a complete HF checkpoint (config.json, safetensors, tokenizer files) plus the stage's resumable state.
+    """
+    path = Path(path)
+    if (path / "config.json").is_file():
+        return path
+    steps = sorted((path / "checkpoints").glob("step-*"))
+    complete = [step for step in steps if (step / "config.json").is_file()]
+    if complete:
+        return complete[-1]
+    if not path.exists():
+        raise UserError(f"{path} does not exist")
+    raise UserError(f"{path} is neither a checkpoint (no config.json) nor a run folder with checkpoints/step-*")
+
+
 def read_config(path: str | Path) -> dict:
     """The parsed config.json of a checkpoint directory, with a clear error when it is missing or malformed."""
     path = Path(path)

@@ -8,18 +8,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from kernels.backends import CHOICES as KERNEL_CHOICES
 from model.config import ModelConfig
 
-# Fields that take one of a fixed set of values, by dotted key. The kernels entries mirror kernels.backends.CHOICES
-# (a test keeps them in step); they are spelled out here because importing kernels pulls in torch.
+# Fields that take one of a fixed set of values, by dotted key.
 CHOICES: dict[str, tuple[str, ...]] = {
     "precision.params": ("fp32", "bf16"),
     "precision.compute": ("fp32", "bf16", "fp8", "nvfp4"),
     "parallel.strategy": ("none", "ddp", "fsdp"),
-    "kernels.ssd": ("auto", "torch", "mamba_ssm"),
-    "kernels.conv1d": ("auto", "torch", "causal_conv1d"),
-    "kernels.attention": ("auto", "torch", "flash"),
-    "kernels.moe": ("auto", "torch", "grouped_mm"),
+    **{f"kernels.{op}": names for op, names in KERNEL_CHOICES.items()},
 }
 
 

@@ -1,0 +1,57 @@
+"""Rich rendering of what stages return: the dry-run plan. Formatting only; the numbers come from stages/."""
+
+from __future__ import annotations
+
+from rich.console import Console
+from rich.table import Table
+
+from stages.plan import Plan
+
+console = Console()
+
+
+def human(n: float, unit: str = "") -> str:
+    """1234567 -> '1.235M'; with unit='B', bytes in decimal units as model cards state them (1.121TB)."""
+    for prefix in ("", "K", "M", "G" if unit else "B", "T"):
+        if abs(n) < 1000 or prefix == "T":
+            return f"{n:.4g}{prefix}{unit}"
+        n /= 1000
+    raise AssertionError("unreachable")
+
+
+def print_plan(plan: Plan) -> None:
+    cfg, p = plan.config, plan.params
+    main_total, main_active = p.without_mtp()
+    console.print(f"[bold]{cfg.name}[/]: {cfg.description} (shape [bold]{cfg.shape}[/], built on the meta device)")
+
+    counts = Table(title="Parameters", show_edge=False)
+    for column in ("", "total", "active per token"):
+        counts.add_column(column, justify="right" if column else "left")
+    counts.add_row("model + MTP", human(p.total), human(p.active))
+    if cfg.model.mtp_pattern:
+        counts.add_row("model without MTP", human(main_total), human(main_active))
+    embedding = p.by_block["embedding"][0]
+    counts.add_row("  counting the whole embedding table", "", human(main_active - cfg.model.hidden_size + embedding))
+    counts.add_row("routed experts", human(p.routed), "")
+    counts.add_section()
+    pattern = cfg.model.main_pattern
+    kinds = {"mamba": "M", "attention": "*", "moe": "E", "mlp": "-"}
+    for label, (total, active) in p.by_block.items():
+        n = pattern.count(kinds[label]) if label in kinds else None
+        counts.add_row(f"{label}" + (f" x{n}" if n else ""), human(total), human(active))
+    console.print(counts)
+
+    sizes = "  ".join(f"{name} {human(b, 'B')}" for name, b in plan.weight_bytes.items())
+    console.print(f"weights stored as: {sizes}")
+    lay, train = plan.layout, cfg.train
+    console.print(
+        f"precision: master weights {cfg.precision.params}, compute {cfg.precision.compute}\n"
+        f"parallel: {cfg.parallel.strategy}, world {lay['world']} = data {lay['data']} x tensor {lay['tensor']}"
+        f" x pipeline {lay['pipeline']} x context {lay['context']}; expert {lay['expert']}\n"
+        f"batch: {train.micro_batch_size} x {train.seq_len} tokens per device, global {train.global_batch_size}"
+        f" sequences ({human(train.global_batch_size * train.seq_len)} tokens), {plan.grad_accumulation} accumulation"
+        f" step(s)\n"
+        f"per device: {human(plan.params_per_device)} parameters, {human(plan.state_bytes_per_device, 'B')} of weights,"
+        f" gradients and Adam state (activations come on top)\n"
+        f"kernels: " + ", ".join(f"{op} {name}" for op, name in vars(cfg.kernels).items())
+    )
