@@ -14,6 +14,7 @@ _EXPORTS = {
     "grouped_mm": "kernels.moe",
     "ssd_chunk_scan": "kernels.ssd",
     "ssd_step": "kernels.ssd",
+    "stochastic_round": "kernels.rounding",
 }
 __all__ = sorted(_EXPORTS)
 

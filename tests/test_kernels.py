@@ -123,3 +123,24 @@ def test_grouped_mm_matches_rowwise():
     out = grouped_mm(x, w, counts)
     want = torch.stack([x[i] @ w[flat[order][i]].T for i in range(len(order))])
     torch.testing.assert_close(out, want)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_stochastic_rounding_is_unbiased_and_brackets(dtype):
+    from kernels import stochastic_round
+
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(4096, generator=gen) * 3
+    draws = torch.stack([stochastic_round(x, dtype, gen) for _ in range(400)])
+    # Every draw is a neighbour of x: the next representable value from it toward x lies at or beyond x.
+    toward_x = torch.where(draws.float() < x, float("inf"), float("-inf")).to(dtype)
+    beyond = torch.nextafter(draws, toward_x).float()
+    assert torch.all((beyond - x) * (draws.float() - x) <= 0)
+    spacing = (torch.nextafter(x.to(dtype), torch.full_like(x, float("inf")).to(dtype)).float() - x.to(dtype).float())
+    mean = draws.float().mean(0)
+    assert ((mean - x) / spacing).mean().abs() < 0.01  # unbiased, in units of the local spacing
+    assert (mean - x).abs().mean() < (x.to(dtype).float() - x).abs().mean()  # averaging beats round-to-nearest
+    exact = torch.tensor([1.0, -2.5, 0.0])
+    assert torch.equal(stochastic_round(exact, dtype).float(), exact)
+    big = stochastic_round(torch.tensor([float("inf"), -1e39, float("nan")]), dtype)
+    assert big[0] == torch.finfo(dtype).max and big[1] == -torch.finfo(dtype).max and big[2].isnan()
