@@ -122,8 +122,17 @@ def cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1))
 
 
+@pytest.fixture
+def one_thread():
+    """Tiny GEMMs gain nothing from a second thread, and lose a lot to its synchronisation when cores are shared."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.mark.parametrize("compute", ["nvfp4", "fp8"])
-def test_tiny_model_trains_in_low_precision_close_to_full_precision(compute):
+def test_tiny_model_trains_in_low_precision_close_to_full_precision(compute, one_thread):
     """The stated gap: over the last 10 of 60 steps the mean loss is within 0.05 nats (3%) of the fp32 run's."""
     torch.manual_seed(5)
     reference = n3.build(tiny_config())
