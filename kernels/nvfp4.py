@@ -1,7 +1,7 @@
 """NVFP4: E2M1 elements with one E4M3 scale per block of 16 and an fp32 per-tensor scale (REFERENCE.md section 3).
 
     s_g = amax_tensor / (6 * 448)                      fp32, the per-tensor (global) scale
-    s_b = e4m3(amax_block / (6 * s_g))                 one per block: 1x16 (activations, export) or 16x16 (weights in training)
+    s_b = e4m3(amax_block / (6 * s_g))                 per block: 1x16 (activations, export), 16x16 (training weights)
     q   = E2M1(x / (s_b * s_g))                        round to nearest, ties to even; or stochastic (gradients)
     x'  = q * (s_b * s_g)
 
@@ -29,9 +29,9 @@ BLOCK = 16
 
 E2M1_GRID = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
 """Magnitude of E2M1 codes 0..7; code 8 + i is the negative of code i (8 is -0)."""
-_MIDPOINTS = (0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0)
-_TIES_UP = (0.75, 1.75, 3.5)
-"""Midpoints whose upper neighbour has the even mantissa (1.0, 2.0, 4.0): ties round up there, down elsewhere."""
+_MIDPOINTS = ((0.25, False), (0.75, True), (1.25, False), (1.75, True), (2.5, False), (3.5, True), (5.0, False))
+"""The midpoints between grid values, and whether a tie there rounds up: it does where the upper neighbour has the
+even mantissa (0.75 -> 1, 1.75 -> 2, 3.5 -> 4) and rounds down elsewhere."""
 
 
 def _grid(device: torch.device) -> torch.Tensor:
@@ -57,10 +57,10 @@ def e2m1_encode(x: torch.Tensor, stochastic: bool = False, generator: torch.Gene
         draw = torch.rand(x.shape, generator=generator, device=x.device)
         index = torch.where(draw < p_up, upper, lower)
     else:
-        midpoints = torch.tensor(_MIDPOINTS, device=x.device)
-        index = torch.searchsorted(midpoints, magnitude)  # ties (== midpoint) land below
-        index = index + (magnitude[..., None] == torch.tensor(_TIES_UP, device=x.device)).any(-1)
-    return (index + 8 * (x < 0)).to(torch.uint8)
+        index = torch.zeros(x.shape, dtype=torch.uint8, device=x.device)
+        for midpoint, tie_up in _MIDPOINTS:
+            index += magnitude >= midpoint if tie_up else magnitude > midpoint
+    return index.to(torch.uint8) + ((x < 0).to(torch.uint8) << 3)
 
 
 def e2m1_decode(codes: torch.Tensor) -> torch.Tensor:
@@ -101,7 +101,7 @@ class NVFP4Tensor:
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         values = e2m1_decode(unpack_fp4(self.packed))
-        return (values * _expand(self.block_scale.float() * self.global_scale, self.block)).to(dtype)
+        return _per_block(values, self.block_scale.float() * self.global_scale, self.block, torch.mul).to(dtype)
 
 
 def global_scale(amax: torch.Tensor, four_over_six: bool = False) -> torch.Tensor:
@@ -149,13 +149,14 @@ def nvfp4_fake_quantize(
     rows, cols = x.shape
     padded = F.pad(x, (0, -cols % block[1], 0, -rows % block[0]))
     codes, scales, s_g = _quantize(padded, block, amax, four_over_six, stochastic, generator)
-    values = e2m1_decode(codes) * _expand(scales.float() * s_g, block)
+    values = _per_block(e2m1_decode(codes), scales.float() * s_g, block, torch.mul)
     return values[:rows, :cols].to(x.dtype)
 
 
 def _quantize(x, block, amax, four_over_six, stochastic, generator):
     if x.dim() != 2 or x.shape[1] % block[1] or x.shape[0] % block[0]:
-        raise ValueError(f"NVFP4 with {block[0]}x{block[1]} blocks needs a 2-D tensor of whole blocks, got {tuple(x.shape)}")
+        raise ValueError(f"NVFP4 with {block[0]}x{block[1]} blocks needs a 2-D tensor of whole blocks, "
+                         f"got {tuple(x.shape)}")
     if four_over_six not in (None, "mse", "mae"):
         raise ValueError(f"four_over_six must be None, 'mse' or 'mae', got {four_over_six!r}")
     if amax is None:
@@ -172,16 +173,16 @@ def _quantize(x, block, amax, four_over_six, stochastic, generator):
     error4 = _block_error(x, codes4, scales4, s_g, block, four_over_six)
     use4 = error4 < error6
     scales = torch.where(use4, scales4.float(), scales.float()).to(torch.float8_e4m3fn)
-    codes = torch.where(_expand(use4, block), codes4, codes)
+    codes = torch.where(use4[:, None, :, None], _blocks(codes4, block), _blocks(codes, block)).reshape(x.shape)
     return codes, scales, s_g
 
 
 def _encode(x, scales, s_g, block, stochastic, generator):
-    return e2m1_encode(x / _expand(scales.float() * s_g, block), stochastic, generator)
+    return e2m1_encode(_per_block(x, scales.float() * s_g, block, torch.div), stochastic, generator)
 
 
 def _block_error(x, codes, scales, s_g, block, kind):
-    difference = x.float() - e2m1_decode(codes) * _expand(scales.float() * s_g, block)
+    difference = x.float() - _per_block(e2m1_decode(codes), scales.float() * s_g, block, torch.mul)
     per_element = difference.square() if kind == "mse" else difference.abs()
     return _blocks(per_element, block).sum(dim=(1, 3))
 
@@ -192,6 +193,6 @@ def _blocks(x: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
     return x.reshape(rows // block[0], block[0], cols // block[1], block[1])
 
 
-def _expand(per_block: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
-    """One value per block -> one per element."""
-    return per_block.repeat_interleave(block[0], dim=0).repeat_interleave(block[1], dim=1)
+def _per_block(x: torch.Tensor, per_block: torch.Tensor, block: tuple[int, int], op) -> torch.Tensor:
+    """op(element, its block's value) for every element, e.g. torch.div by the block scale."""
+    return op(_blocks(x, block), per_block[:, None, :, None]).reshape(x.shape)

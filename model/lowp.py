@@ -168,23 +168,15 @@ class QuantizedExperts(Experts):
         return f"fmt={self.fmt}"
 
 
-class TransformerEngineLinear(nn.Linear):
-    """nn.Linear computed by TransformerEngine's te.Linear on the same weight, inside TE's autocast for the recipe.
-
-    The TE module is kept out of the module tree, so parameters and state dicts stay n3's.
-    """
-
-    fmt: str
+class TransformerEngineLinear(QuantizedLinear):
+    """A QuantizedLinear computed by TransformerEngine's te.Linear on the same weight, inside TE's autocast for the
+    recipe. The TE module is kept out of the module tree, so parameters and state dicts stay n3's."""
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, fmt: str) -> TransformerEngineLinear:
         import transformer_engine.pytorch as te
 
-        new = cls.__new__(cls)
-        nn.Module.__init__(new)
-        new.in_features, new.out_features = linear.in_features, linear.out_features
-        new.weight, new.bias = linear.weight, linear.bias
-        new.fmt = fmt
+        new = super().from_linear(linear, fmt)
         engine = te.Linear(linear.in_features, linear.out_features, bias=linear.bias is not None,
                            params_dtype=linear.weight.dtype, device=linear.weight.device)
         engine.weight = linear.weight

@@ -42,7 +42,9 @@ def _schema(cls: type, prefix: str = "") -> dict[str, type]:
 
 KEYS = _schema(RunConfig)
 del KEYS["name"]  # not settable: a run is named after its preset
-TYPE_NAMES = {int: "an integer", float: "a number", bool: "true or false", str: "a string", list[str]: "a list of strings"}
+TYPE_NAMES = {
+    int: "an integer", float: "a number", bool: "true or false", str: "a string", list[str]: "a list of strings"
+}
 BOOLS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
 
 

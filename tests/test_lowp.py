@@ -12,6 +12,7 @@ import presets
 from kernels.fp8 import E5M2, fp8_quantize
 from kernels.hadamard import random_hadamard_transform
 from kernels.nvfp4 import nvfp4_fake_quantize
+from model.errors import UserError
 from model.lowp import QuantizedExperts, QuantizedLinear, convert, plan, quantized_linear
 from presets.schema import PrecisionConfig
 from tests.test_model import tiny_config
@@ -190,3 +191,16 @@ def test_transformer_engine_linear_matches_the_emulation():
     x = torch.randn(32, 64, device="cuda")
     expected = quantized_linear(x, linear.weight, "fp8")
     torch.testing.assert_close(linear(x).float(), expected.float(), rtol=0.05, atol=0.05)
+
+
+def test_precision_module_lists_are_preset_data(tmp_path):
+    cfg = presets.load("cpu", ["precision.compute=nvfp4", "precision.bf16_modules=lm_head, mtp.*",
+                               "precision.fp8_modules=", "precision.bf16_last_layers=0.5"])
+    assert cfg.precision.bf16_modules == ["lm_head", "mtp.*"] and cfg.precision.fp8_modules == []
+    formats = plan(n3.build(tiny_config(), device="meta"), cfg.precision)
+    assert formats["model.layers.1.mixer.q_proj"] == "nvfp4" and formats["model.layers.0.mixer.out_proj"] == "nvfp4"
+    assert formats["model.layers.2.mixer.experts"] == "nvfp4" and formats["model.layers.3.mixer.in_proj"] == "bf16"
+    bad = tmp_path / "bad.toml"
+    bad.write_text('extends = "b200"\n[precision]\nbf16_modules = "lm_head"\n')
+    with pytest.raises(UserError, match="'precision.bf16_modules' in .*bad.toml must be a list of strings"):
+        presets.load(str(bad))

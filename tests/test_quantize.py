@@ -11,7 +11,7 @@ from safetensors import safe_open
 import model as n3
 import presets
 from model.errors import UserError
-from stages.quantize import dry_run, quantize
+from stages.quantize import checkpoint_config, dry_run, quantize
 from stages.quantize.plan import lowest_bpe, make_plan
 from n3cli.main import main
 from tests.test_model import tiny_config
@@ -105,6 +105,12 @@ def stored(path: Path) -> dict[str, torch.Tensor]:
         with safe_open(file, framework="pt") as f:
             tensors.update({key: f.get_tensor(key) for key in f.keys()})
     return tensors
+
+
+def test_dry_run_of_a_checkpoint(checkpoint, capsys):
+    status, out, err = cli(capsys, "-c", str(checkpoint), "--bpe", "10", "--dry-run")
+    assert status == 0, err
+    assert dry_run(checkpoint_config(checkpoint), budget=10.0, recipe=None).plan.bpe <= 10.0
 
 
 def test_search_respects_the_budget_to_the_bit(searched, checkpoint):

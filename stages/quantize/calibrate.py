@@ -134,7 +134,7 @@ def forward_step(model: nn.Module, batch: torch.Tensor):
 
 
 def loss(outputs: list[torch.Tensor], batch: torch.Tensor) -> torch.Tensor:
-    """Next-token cross entropy plus the MTP losses, depth k predicting k tokens further (its last k positions masked)."""
+    """Next-token cross entropy plus the MTP losses; depth k predicts k tokens further (its last k positions masked)."""
     labels = batch[:, 1:]
     total = 0.0
     for k, logits in enumerate(outputs):
@@ -177,7 +177,9 @@ def search(model: NemotronH, plan: QuantPlan, budget: float, four_over_six: str 
         for stats in decisions.values()
     ]
     scores = [stats["scores"] for stats in decisions.values()]
-    fixed = sum(bits for _, bits in plan.fixed.values())
+    decided = {m for stats in decisions.values() for m in stats["module_names"]}
+    fixed = sum(bits for _, bits in plan.fixed.values()) + sum(
+        plan.unit_bits(u, "bf16") for u in plan.units if u.name not in decided)
     solver = _quiet(LPS, "n3_bits_per_element", {"bits": budget * plan.total_params - fixed}, {"bits": costs}, scores)
     selections, status = _quiet(solver)
     if status != "Optimal":
@@ -217,7 +219,8 @@ def formats_of(quantized: nn.Module, plan: QuantPlan) -> dict[str, str]:
     formats = {}
     for unit in plan.units:
         module = quantized.get_submodule(unit.name)
-        quantizer = module.up_proj_weight_quantizers[0] if hasattr(module, "up_proj_weight_quantizers") else module.weight_quantizer
+        experts = hasattr(module, "up_proj_weight_quantizers")
+        quantizer = module.up_proj_weight_quantizers[0] if experts else module.weight_quantizer
         bits = tuple(quantizer.num_bits) if isinstance(quantizer.num_bits, (tuple, list)) else quantizer.num_bits
         formats[unit.name] = "bf16" if not quantizer.is_enabled else {(2, 1): "nvfp4", (4, 3): "fp8"}[bits]
     return formats

@@ -56,7 +56,8 @@ def quantized_tensors(
         for prefix, weight, amax_key in weights:
             layers[prefix] = None if fmt == "bf16" else fmt
             if fmt != "bf16":
-                tensors.update(quantize_weight(prefix, weight, input_amax[amax_key], fmt, rule if fmt == "nvfp4" else None))
+                rule_here = rule if fmt == "nvfp4" else None
+                tensors.update(quantize_weight(prefix, weight, input_amax[amax_key], fmt, rule_here))
     for key in state:  # routers are GEMMs too; modelopt lists them as unquantized
         if key.endswith(".gate.weight"):
             layers[hub_name(key.removesuffix(".weight"))] = None

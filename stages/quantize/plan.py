@@ -15,7 +15,6 @@ from torch import nn
 from model.errors import UserError
 from model.moe import Experts
 
-FORMATS = ("nvfp4", "fp8", "bf16")
 BITS = {"nvfp4": 4.5, "fp8": 8, "bf16": 16}
 SCALAR_BITS = 64
 """Two fp32 scalars per quantized weight tensor."""
@@ -153,8 +152,8 @@ def units_of(model: nn.Module) -> list[Unit]:
     return units
 
 
-def make_plan(model: nn.Module, formats: dict[str, str] | None = None) -> QuantPlan:
-    """The plan with the given unit formats (default: all BF16). Counts come from the state dict: meta works."""
+def make_plan(model: nn.Module) -> QuantPlan:
+    """The plan with every unit in BF16. Counts come from the state dict: the meta device works."""
     units = units_of(model)
     covered = {f"{u.name}.weight" for u in units} | {f"{u.name}.{p}" for u in units for p in ("up_proj", "down_proj")}
     fixed: dict[str, tuple[int, int]] = {}
@@ -164,11 +163,9 @@ def make_plan(model: nn.Module, formats: dict[str, str] | None = None) -> QuantP
             continue
         bits = 32 if key.endswith(FP32_KEEP) else 16
         params, total = fixed.get(_tensor_group(key), (0, 0))
-        fixed[_tensor_group(key)] = (params + (tensor.numel() if key in parameters else 0), total + tensor.numel() * bits)
-    plan = QuantPlan(units, {u.name: "bf16" for u in units}, fixed, sum(p.numel() for p in model.parameters()))
-    for name, fmt in (formats or {}).items():
-        plan.formats[name] = fmt
-    return plan
+        params += tensor.numel() if key in parameters else 0  # buffers are stored but are not parameters
+        fixed[_tensor_group(key)] = (params, total + tensor.numel() * bits)
+    return QuantPlan(units, {u.name: "bf16" for u in units}, fixed, sum(p.numel() for p in model.parameters()))
 
 
 def recipe_plan(model: nn.Module, recipe: dict[str, str] = NEMOTRON_RECIPE) -> QuantPlan:
