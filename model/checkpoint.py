@@ -215,7 +215,8 @@ def from_pretrained(
 ) -> NemotronH:
     """Load an HF NemotronH checkpoint directory (either naming, sharded or not) as an n3 model.
 
-    dtype defaults to the checkpoint's own; routers stay fp32 either way.
+    dtype defaults to the checkpoint's own; routers stay fp32 either way. A modelopt-format quantized checkpoint
+    (config.json has a quantization_config) loads with its weights decoded: see dequantize_modelopt.
     """
     hf = read_config(path)
     cfg = config_from_hf(hf)
@@ -266,7 +267,7 @@ def dequantize_modelopt(tensors: dict[str, torch.Tensor], quant_config: dict) ->
                         "n3 reads modelopt-format (NVFP4, FP8) checkpoints")
     layers = quant_config.get("quantized_layers") or {}
     algos = {layer.get("quant_algo") for layer in layers.values()} or {quant_config.get("quant_algo")}
-    if unsupported := sorted(str(a) for a in algos - set(MODELOPT_ALGOS)):
+    if unsupported := sorted(str(a) for a in algos - {None, *MODELOPT_ALGOS}):
         raise UserError(f"quantization_config uses {', '.join(unsupported)}; n3 reads {', '.join(MODELOPT_ALGOS)}")
     out = {}
     for key, value in tensors.items():

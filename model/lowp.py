@@ -34,8 +34,8 @@ from typing import Protocol
 import torch
 from torch import nn
 
-from kernels.backends import importable
-from kernels.fp8 import E4M3, E5M2, fp8_quantize, mxfp8_fake_quantize, scaled_mm
+from kernels.backends import fast_path, importable
+from kernels.fp8 import E5M2, fp8_quantize, mxfp8_fake_quantize, scaled_mm
 from kernels.hadamard import random_hadamard_transform
 from kernels.nvfp4 import nvfp4_fake_quantize
 from model.moe import Experts
@@ -281,7 +281,7 @@ def _backend_note(compute: str, use_te: bool, has_te: bool, on_cuda: bool) -> tu
     if use_te:
         return "transformer_engine", "Linear GEMMs run in TransformerEngine; routed experts use n3's path."
     missing = "TransformerEngine is not installed (pip install 'n3[gpu]'); " if not has_te else ""
-    if compute == "fp8" and on_cuda and torch.cuda.get_device_capability() >= (8, 9):
+    if compute == "fp8" and fast_path("fp8_gemm", on_cuda) and torch.cuda.get_device_capability() >= (8, 9):
         return "scaled_mm", f"{missing}FP8 GEMMs run on torch._scaled_mm."
     return "emulated", (
         f"{missing}{compute} is emulated: quantize-dequantize then fp32 GEMMs, numerically the recipe's formats "

@@ -71,6 +71,7 @@ def dry_run(cfg: ModelConfig, budget: float | None, recipe: str | None) -> Quant
 
 
 def checkpoint_config(checkpoint: Path) -> ModelConfig:
+    """The ModelConfig of a checkpoint directory or run folder, without reading its weights (for dry runs)."""
     return config_from_hf(read_config(resolve_checkpoint(checkpoint)))
 
 
@@ -79,7 +80,14 @@ def quantize(
     calib_tokens: int = 8192, eval_tokens: int = 8192, seq_len: int = 256, batch_size: int = 4,
     four_over_six: str | None = "mse", progress: Callable[[str], None] = lambda message: None,
 ) -> QuantizeResult:
-    """Quantize `checkpoint` into `out` and measure it; see the module docstring."""
+    """Quantize `checkpoint` (a directory or run folder) into the directory `out`, and measure it.
+
+    budget: bits per element to stay within (AutoQuantize search), or recipe: "nemotron" (and budget, if given, is
+    checked against it). calib: a UTF-8 text file (default: the Python standard library's sources); its first
+    calib_tokens tokens calibrate and score, the next eval_tokens measure quality, in batches of batch_size
+    sequences of seq_len tokens. four_over_six: "mse", "mae" or None for the routed experts' NVFP4 scales.
+    progress receives one line per phase.
+    """
     from stages.quantize.calibrate import calibrate, input_amax, search
     from stages.quantize.export import write_checkpoint
 

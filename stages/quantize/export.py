@@ -56,8 +56,7 @@ def quantized_tensors(
         for prefix, weight, amax_key in weights:
             layers[prefix] = None if fmt == "bf16" else fmt
             if fmt != "bf16":
-                rule_here = rule if fmt == "nvfp4" else None
-                tensors.update(quantize_weight(prefix, weight, input_amax[amax_key], fmt, rule_here))
+                tensors.update(quantize_weight(prefix, weight, input_amax[amax_key], fmt, rule))
     for key in state:  # routers are GEMMs too; modelopt lists them as unquantized
         if key.endswith(".gate.weight"):
             layers[hub_name(key.removesuffix(".weight"))] = None
@@ -66,7 +65,7 @@ def quantized_tensors(
 
 def quantize_weight(prefix: str, weight: torch.Tensor, input_amax: torch.Tensor, fmt: str,
                     four_over_six: str | None = None) -> dict[str, torch.Tensor]:
-    """The stored tensors of one quantized Linear weight (out, in)."""
+    """The stored tensors of one quantized Linear weight (out, in); four_over_six applies to NVFP4 only."""
     weight = weight.detach().float()
     if fmt == "nvfp4":
         q = nvfp4_quantize(weight, four_over_six=four_over_six)
