@@ -46,14 +46,22 @@ class Experts(nn.Module):
         self.up_proj = nn.Parameter(torch.empty(E, m, l))
         self.down_proj = nn.Parameter(torch.empty(E, l, m))
 
+    @property
+    def num_experts(self) -> int:
+        return self.up_proj.shape[0]
+
     def forward(self, x: torch.Tensor, chosen: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """x (tokens, l); each token's k copies run through their experts, weighted and summed in fp32."""
         k = chosen.shape[1]
-        order, counts = group_by_expert(chosen, self.up_proj.shape[0])
+        order, counts = group_by_expert(chosen, self.num_experts)
         token = order // k
-        h = relu2(grouped_mm(x[token], self.up_proj, counts))
-        out = grouped_mm(h, self.down_proj, counts).float() * weights.reshape(-1)[order, None]
+        h = relu2(self.matmul(x[token], self.up_proj, counts))
+        out = self.matmul(h, self.down_proj, counts).float() * weights.reshape(-1)[order, None]
         return torch.zeros(x.shape[0], out.shape[1], device=x.device).index_add_(0, token, out).to(x.dtype)
+
+    def matmul(self, rows: torch.Tensor, weight: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """The expert GEMM (see kernels.grouped_mm); low-precision subclasses (model.lowp, n3 quantize) override it."""
+        return grouped_mm(rows, weight, counts)
 
 
 class LatentMoE(nn.Module):
