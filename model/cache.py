@@ -147,12 +147,14 @@ class HybridCache:
         return len(self.lengths) - len(self.free)
 
     # --- forwards ---------------------------------------------------------------------------------------------------
-    def select(self, rows: list[int] | None = None, keep_positions: bool = False) -> HybridCache:
+    def select(self, rows: list[int] | None = None, keep_positions: bool = False, index: bool = False) -> HybridCache:
         """Make the next forwards read and write only `rows` (in this order; None: all). With keep_positions the Mamba
-        sublayers keep the state after every position, for `rewind`. Returns self, for `model.model(ids, cache.select(...))`."""
+        sublayers keep the state after every position, for `rewind`. `index` selects through an index tensor even
+        for contiguous rows (a compiled forward then sees one kind of selection, not slice bounds that vary).
+        Returns self, for `model.model(ids, cache.select(...))`."""
         if rows is None:
             self.active = slice(None)
-        elif rows == list(range(rows[0], rows[0] + len(rows))):
+        elif not index and rows == list(range(rows[0], rows[0] + len(rows))):
             self.active = slice(rows[0], rows[0] + len(rows))
         else:
             self.active = torch.tensor(rows, dtype=torch.long, device=self.lengths.device)

@@ -70,5 +70,6 @@ def print_serve_plan(plan) -> None:
         + (f" ({engine.speculative_tokens} drafts)" if engine.speculative_tokens else "")
         + f", SSM state {engine.ssm_dtype}"
         + (" with stochastic rounding" if engine.ssm_dtype != "fp32" and engine.stochastic_rounding else "")
+        + (", compiled decode step" if engine.compile else "")
         + f"\ncaches (preallocated): {human(plan.cache_bytes, 'B')}"
     )

@@ -112,6 +112,8 @@ class ServeConfig:
     """Round a bf16 / fp16 SSM state stochastically (unbiased) instead of to nearest."""
     dtype: str = "auto"
     """Weights and activations: auto (as the checkpoint stores them) | fp32 | bf16."""
+    compile: bool = False
+    """torch.compile the decode step (done while /health says loading; decoding stays eager if it fails)."""
 
 
 @dataclass

@@ -52,7 +52,7 @@ def server(checkpoint):
     port = free_port()
     process = subprocess.Popen(
         [str(N3), "serve", "-c", str(checkpoint), "--port", str(port), "-s", "serve.max_batch=8",
-         "-s", "serve.speculative_tokens=2"],
+         "-s", "serve.speculative_tokens=2", "-s", "serve.compile=false"],  # test_engine covers compilation
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
     url = f"http://127.0.0.1:{port}"
@@ -293,3 +293,17 @@ def test_cli_errors_and_dry_run(tmp_path, checkpoint, capsys, monkeypatch):
         taken.listen()
         status, _, err = n3_cli(capsys, "serve", "-c", str(checkpoint), "--port", str(taken.getsockname()[1]))
     assert status == 2 and "cannot listen" in err
+
+
+def test_a_failed_compilation_falls_back_to_eager(checkpoint, monkeypatch):
+    import presets
+    from stages.serve import load_engine, plan_serve
+
+    def broken(self):
+        raise RuntimeError("no C++ compiler")
+
+    monkeypatch.setattr(Engine, "warm_up", broken)
+    plan = plan_serve(checkpoint, presets.load("cpu", ["serve.max_batch=2"]))
+    assert plan.engine.compile
+    engine = load_engine(plan)
+    assert not engine.config.compile and engine.generate([[1, 2]], SamplingParams(max_tokens=2))[0].token_ids

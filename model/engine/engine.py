@@ -116,6 +116,9 @@ class Engine:
         self._seeds = random.Random(config.seed)
         self._ids = itertools.count()
         self._newline: dict[int, bool] = {}
+        # Decode-step forwards, compiled when asked; prefill, whose lengths vary, always runs eagerly.
+        self._backbone = torch.compile(model.model) if config.compile else model.model
+        self._mtp_block = torch.compile(model.mtp) if config.compile and self.k else model.mtp
 
     # --- requests ---------------------------------------------------------------------------------------------------
     def submit(
@@ -284,7 +287,8 @@ class Engine:
     def _decode(self, seqs: list[Sequence]) -> None:
         k = self.k
         fed = torch.tensor([s.tokens[-1:] + s.drafts for s in seqs], device=self.device)  # (b, 1 + k)
-        h = self.model.model(fed, self.cache.select([s.slot for s in seqs], keep_positions=k > 0))
+        cache = self._select(self.cache, seqs, keep_positions=k > 0)
+        h = self._backbone(self._dynamic(fed, cache), cache)
         self.cache.advance(1 + k)
         logits = self.model.logits(h)
         accepted, final = self._accept(seqs, logits)
@@ -311,21 +315,24 @@ class Engine:
     def _mtp_forward(
         self, seqs: list[Sequence], h: torch.Tensor, following: torch.Tensor, kept: torch.Tensor | None = None
     ) -> torch.Tensor:
-        """Write MTP cache positions for main hiddens h (b, t, d) and their following tokens (b, t); keep the first
-        kept[i] (default all). Returns the MTP hidden at each row's last kept position (b, d): depth 1 of the draft."""
+        """Write MTP cache positions for main hiddens h (b, t, d) and their following tokens (b, t), keeping the first
+        kept[i] (prefill: all, eagerly; decode: compiled when asked). Returns the MTP hidden at each row's last kept
+        position (b, d): depth 1 of the draft."""
         t = h.shape[1]
-        cache = self.mtp_cache.select([s.slot for s in seqs])
-        out = self.model.mtp(h, self.model.model.embeddings(following), cache.layers)
+        decode = kept is not None
+        cache = self._select(self.mtp_cache, seqs, compiled=decode)
+        block = self._mtp_block if decode else self.model.mtp
+        out = block(self._dynamic(h, cache), self._dynamic(self.model.model.embeddings(following)), cache.layers)
         cache.advance(t)
-        if kept is None:
-            kept = torch.full((len(seqs),), t, device=self.device)
-        else:
+        if decode:
             cache.rewind(kept, t)
+        else:
+            kept = torch.full((len(seqs),), t, device=self.device)
         return out[torch.arange(len(seqs), device=self.device), kept - 1]
 
     def _draft(self, seqs: list[Sequence], hidden: torch.Tensor) -> None:
         """Draft k tokens per row from depth-1 MTP hiddens (b, d), applying the MTP block recursively."""
-        cache = self.mtp_cache.select([s.slot for s in seqs])
+        cache = self._select(self.mtp_cache, seqs)
         lengths = cache.lengths[cache.active].clone()
         tokens, probs = [], []
         for depth in range(self.k):
@@ -334,13 +341,29 @@ class Engine:
             probs.append(prob)
             if depth + 1 < self.k:
                 emb = self.model.model.embeddings(token[:, None])
-                hidden = self.model.mtp(hidden[:, None], emb, cache.layers)[:, 0]
+                hidden = self._mtp_block(self._dynamic(hidden[:, None], cache), self._dynamic(emb), cache.layers)[:, 0]
                 cache.advance(1)
         cache.lengths[cache.active] = lengths  # the speculative MTP positions are rewritten next step
         drafts = torch.stack(tokens, 1).tolist()
         for i, seq in enumerate(seqs):
             seq.drafts = drafts[i]
             seq.draft_probs = None if probs[0] is None or seq.params.greedy else torch.stack([p[i] for p in probs])
+
+    # --- compiled decode --------------------------------------------------------------------------------------------
+    def _select(
+        self, cache: HybridCache, seqs: list[Sequence], keep_positions: bool = False, compiled: bool = True
+    ) -> HybridCache:
+        """Select the rows of seqs; compiled forwards get an index tensor (one kind of selection for every batch)."""
+        return cache.select([s.slot for s in seqs], keep_positions, index=compiled and self.config.compile)
+
+    def _dynamic(self, x: torch.Tensor, cache: HybridCache | None = None) -> torch.Tensor:
+        """Mark the batch dimension of a compiled forward's inputs as dynamic, so one graph serves every batch size
+        (dynamo still specialises a batch of 1)."""
+        if self.config.compile:
+            torch._dynamo.maybe_mark_dynamic(x, 0)
+            if cache is not None and isinstance(cache.active, torch.Tensor):
+                torch._dynamo.maybe_mark_dynamic(cache.active, 0)
+        return x
 
     # --- sampling ---------------------------------------------------------------------------------------------------
     def _draw(self, seqs: list[Sequence], logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -386,6 +409,14 @@ class Engine:
         if token not in self._newline:
             self._newline[token] = "\n" in self.tokenizer.decode([token])
         return self._newline[token]
+
+    def warm_up(self) -> None:
+        """Run each decode shape once (batches of one and two, with speculation when on), so that a compiled engine
+        compiles now rather than while its first requests wait. The warm-up requests are not counted in stats."""
+        params = SamplingParams(temperature=0, max_tokens=self.k + 3, ignore_eos=True)
+        for batch in (1, 2)[: self.config.max_batch]:
+            self.generate([[0]] * batch, params)
+        self.stats = EngineStats(proposed=[0] * self.k, accepted=[0] * self.k)
 
     # --- conveniences -----------------------------------------------------------------------------------------------
     def run(self, request_ids: list[str]) -> list[Completion]:

@@ -6,6 +6,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 import socket
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,7 +51,7 @@ def plan_serve(path: Path, cfg: RunConfig) -> ServePlan:
         engine = EngineConfig(
             max_batch=s.max_batch, max_len=s.max_len or None, max_step_tokens=s.max_step_tokens or None,
             speculative_tokens=s.speculative_tokens, ssm_dtype=s.ssm_cache_dtype,
-            stochastic_rounding=s.ssm_stochastic_rounding,
+            stochastic_rounding=s.ssm_stochastic_rounding, compile=s.compile,
         )
     except ValueError as err:
         raise UserError(f"preset {cfg.name}: serve: {err}") from None
@@ -84,7 +86,8 @@ def _memory(model_cfg, engine, hf: dict, dtype: str) -> tuple[int, int, str]:
 
 
 def load_engine(plan: ServePlan):
-    """Weights, tokenizer and engine for a plan (the slow part: runs after the HTTP server is up)."""
+    """Weights, tokenizer and engine for a plan (the slow part: runs after the HTTP server is up). A compiled decode
+    step is compiled here; if compilation fails (on CPU it needs a C++ compiler) the engine decodes eagerly."""
     import torch
 
     import kernels
@@ -96,7 +99,16 @@ def load_engine(plan: ServePlan):
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = getattr(torch, DTYPES[plan.config.serve.dtype]) if plan.config.serve.dtype != "auto" else None
     model = from_pretrained(plan.checkpoint, dtype=dtype, device=device)
-    return Engine(model, Tokenizer.load(plan.checkpoint), plan.engine)
+    tokenizer = Tokenizer.load(plan.checkpoint)
+    engine = Engine(model, tokenizer, plan.engine)
+    if plan.engine.compile:
+        try:
+            engine.warm_up()
+        except Exception as err:  # torch.compile fails in many ways (no compiler, unsupported op): never fatal
+            message = " ".join(str(err).split())[:300]
+            logging.getLogger("uvicorn.error").warning("compiling the decode step failed (%s); decoding eagerly", message)
+            engine = Engine(model, tokenizer, dataclasses.replace(plan.engine, compile=False))
+    return engine
 
 
 def serve(plan: ServePlan, host: str, port: int, log_level: str = "info") -> None:
