@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import model as n3  # noqa: E402
 import presets  # noqa: E402
-from model.engine import Engine, EngineConfig, SamplingParams  # noqa: E402
+from model.engine import Engine, EngineConfig, EngineStats, SamplingParams  # noqa: E402
 
 
 def synthetic_batch(vocab: int, batch: int, length: int, generator: torch.Generator) -> torch.Tensor:
@@ -61,6 +61,39 @@ def fit(model: n3.NemotronH, steps: int, depths: int = 2) -> None:
     model.eval()
 
 
+def bandwidth(device: torch.device) -> float:
+    """Memory bandwidth in bytes/s: the best of a few copies of a 256 MiB buffer (each reads and writes it)."""
+    source = torch.empty(64 * 2**20, device=device)
+    target = torch.empty_like(source)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    best = float("inf")
+    for _ in range(5):
+        sync()
+        start = time.perf_counter()
+        target.copy_(source)
+        sync()
+        best = min(best, time.perf_counter() - start)
+    return 2 * source.numel() * source.element_size() / best
+
+
+def decode_bytes(model: n3.NemotronH, batch: int, context: int) -> int:
+    """Bytes a plain decode step of `batch` rows at `context` tokens must move at least: every weight it uses once
+    (routed experts: as many as the batch can reach), the keys and values it attends over, the Mamba states it reads
+    and writes. The MTP head is not used."""
+    from model.moe import Experts
+
+    cfg, size = model.config, model.lm_head.weight.element_size()
+    total = batch * cfg.hidden_size * size  # embedding rows
+    for module in [*model.model.layers, model.model.norm_f, model.lm_head]:
+        for sub in module.modules():
+            for p in sub.parameters(recurse=False):
+                reach = min(1.0, batch * cfg.num_experts_per_tok / cfg.n_routed_experts) if isinstance(sub, Experts) else 1
+                total += int(p.numel() * p.element_size() * reach)
+    kv = 2 * cfg.num_key_value_heads * cfg.head_dim * size * context
+    state = (cfg.mamba_conv_dim * (cfg.conv_kernel - 1) + cfg.mamba_inner * cfg.ssm_state_size) * 4 * 2
+    return total + batch * (cfg.main_pattern.count("*") * kv + cfg.main_pattern.count("M") * state)
+
+
 def best_of(repeats: int, runs: dict) -> dict:
     """Interleave the runs `repeats` times; the fastest time of each (and its last result)."""
     times = {name: float("inf") for name in runs}
@@ -84,6 +117,7 @@ def main() -> None:
     parser.add_argument("--speculative", type=int, default=3, help="MTP draft tokens (0 skips that part)")
     parser.add_argument("--fit-steps", type=int, default=300)
     parser.add_argument("--eager", action="store_true", help="do not compile the n3 decode step")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (both models run there)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     import transformers
@@ -98,24 +132,26 @@ def main() -> None:
                 fit(model, args.fit_steps)
             path = Path(scratch) / "tiny"
             n3.save_pretrained(model, path)
-        ours = n3.from_pretrained(path).eval()
-        theirs = transformers.NemotronHForCausalLM.from_pretrained(path, dtype=ours.lm_head.weight.dtype).eval()
+        device = torch.device(args.device)
+        ours = n3.from_pretrained(path, device=device).eval()
+        theirs = transformers.NemotronHForCausalLM.from_pretrained(path, dtype=ours.lm_head.weight.dtype).to(device).eval()
     cfg = ours.config
     print(f"model: {path if args.checkpoint else 'tiny shape'} ({sum(p.numel() for p in ours.parameters()) / 1e6:.2f}M "
           f"parameters, pattern {cfg.pattern}), {args.prompt_len} prompt + {args.new_tokens} new tokens, greedy, "
-          f"{args.threads} threads, torch {torch.__version__}, transformers {transformers.__version__}")
+          f"{args.threads} threads, torch {torch.__version__}, transformers {transformers.__version__}, {device}")
+    memory_speed = bandwidth(device)
     total = args.prompt_len + args.new_tokens
     greedy = SamplingParams(temperature=0, max_tokens=args.new_tokens, ignore_eos=True)
     prompt_generator = torch.Generator().manual_seed(2)
-    prompts_by_batch = {}
+    prompts_by_batch, engines = {}, {}
 
     for batch in args.batch:
-        prompts = synthetic_batch(cfg.vocab_size, batch, args.prompt_len, prompt_generator)
+        prompts = synthetic_batch(cfg.vocab_size, batch, args.prompt_len, prompt_generator).to(device)
         prompts_by_batch[batch] = prompts
-        engine = Engine(ours, config=EngineConfig(max_batch=batch, max_len=total, compile=not args.eager))
+        engine = engines[batch] = Engine(ours, config=EngineConfig(max_batch=batch, max_len=total, compile=not args.eager))
 
-        def run_n3():
-            return [c.token_ids for c in engine.generate(prompts.tolist(), greedy)]
+        def run_n3(params=greedy):
+            return [c.token_ids for c in engine.generate(prompts.tolist(), params)]
 
         def run_transformers():
             with torch.no_grad():
@@ -129,18 +165,26 @@ def main() -> None:
         run_n3()  # warm-up (and compilation)
         run_transformers()
         print(f"batch {batch}: warm-up {time.perf_counter() - start:.1f}s")
-        timed = best_of(args.repeats, {"n3": run_n3, "transformers": run_transformers})
+        first_token = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
+        timed = best_of(args.repeats, {"n3": run_n3, "transformers": run_transformers,
+                                       "n3 prefill": lambda: run_n3(first_token)})
         tokens = batch * args.new_tokens
-        (t_n3, out_n3), (t_hf, out_hf) = timed["n3"], timed["transformers"]
+        (t_n3, out_n3), (t_hf, out_hf), (t_prefill, _) = timed["n3"], timed["transformers"], timed["n3 prefill"]
         same = sum(a == b for a, b in zip(out_n3, out_hf))
         print(f"batch {batch}: n3 {tokens / t_n3:.0f} tokens/s, transformers {tokens / t_hf:.0f} tokens/s "
               f"(same tokens in {same}/{batch} rows)")
         print(f"ratio batch={batch}: {t_hf / t_n3:.2f}")
+        step_bytes = decode_bytes(ours, batch, args.prompt_len + args.new_tokens // 2)  # at the mean context
+        bound = batch * memory_speed / step_bytes
+        decode_rate = batch * (args.new_tokens - 1) / (t_n3 - t_prefill)
+        print(f"batch {batch}: n3 decodes {decode_rate:.0f} tokens/s (prefill and first token excluded), "
+              f"{decode_rate / bound:.0%} of the memory-bandwidth bound {bound:.0f} tokens/s "
+              f"({step_bytes / 1e6:.2f} MB per step at {memory_speed / 1e9:.1f} GB/s)")
 
     if args.speculative and cfg.mtp_pattern:
         for batch in args.batch:
             prompts = prompts_by_batch[batch].tolist()
-            plain = Engine(ours, config=EngineConfig(max_batch=batch, max_len=total, compile=not args.eager))
+            plain = engines[batch]
             spec = Engine(ours, config=EngineConfig(
                 max_batch=batch, max_len=total, speculative_tokens=args.speculative, compile=not args.eager,
             ))
@@ -148,7 +192,7 @@ def main() -> None:
                     for name, e in (("plain", plain), ("speculative", spec))}
             for run in runs.values():
                 run()  # warm-up
-            spec.stats = type(spec.stats)(proposed=[0] * args.speculative, accepted=[0] * args.speculative)
+            spec.stats = EngineStats(proposed=[0] * args.speculative, accepted=[0] * args.speculative)  # timed runs only
             timed = best_of(args.repeats, runs)
             (t_plain, out_plain), (t_spec, out_spec) = timed["plain"], timed["speculative"]
             rates = ", ".join(f"{r:.2f}" for r in spec.stats.acceptance_rate)

@@ -109,7 +109,6 @@ class HybridCache:
     ):
         """`pattern` defaults to the model's main pattern; pass cfg.mtp_pattern for the MTP block's cache."""
         self.lengths = torch.zeros(rows, dtype=torch.long, device=device)
-        self.max_len = max_len
         self.active: Rows = slice(None)
         self.keep_positions = False
         self.stochastic_rounding = stochastic_rounding

@@ -105,6 +105,12 @@ def test_chat_answers_like_the_engine(client, reference, tokenizer):
     assert answer.usage.prompt_tokens == len(tokenizer.encode_chat(THINKING))
     assert answer.usage.completion_tokens == len(expected.token_ids)
     assert answer.usage.total_tokens == answer.usage.prompt_tokens + answer.usage.completion_tokens
+    budget = SamplingParams(temperature=0, max_tokens=12, max_thinking_tokens=2, thinking_grace=1)
+    expected = reference.chat([THINKING], budget)[0]
+    answer = client.chat.completions.create(model="tiny-chat", messages=THINKING, max_tokens=12, temperature=0,
+                                            extra_body={"max_thinking_tokens": 2, "thinking_grace": 1})
+    assert answer.choices[0].message.model_extra["reasoning_content"] == expected.reasoning
+    assert answer.choices[0].message.content == expected.text
 
 
 def test_streaming_equals_non_streaming(client):
@@ -116,9 +122,17 @@ def test_streaming_equals_non_streaming(client):
     assert (content, reasoning) == (whole.choices[0].message.content, whole.choices[0].message.model_extra["reasoning_content"])
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == whole.choices[0].finish_reason
     assert chunks[-1].choices == [] and chunks[-1].usage == whole.usage
-    prompt = dict(model="tiny-chat", prompt="The grass is", max_tokens=10, temperature=0)
-    text = client.completions.create(**prompt).choices[0].text
-    assert "".join(c.choices[0].text for c in client.completions.create(**prompt, stream=True)) == text
+    two = list(client.chat.completions.create(**kwargs, n=2, stream=True))
+    for index in (0, 1):
+        content = "".join(c.choices[0].delta.content or "" for c in two if c.choices[0].index == index)
+        assert content == whole.choices[0].message.content
+    prompt = dict(model="tiny-chat", prompt=["The grass is", "The sky"], max_tokens=10, temperature=0)
+    texts = [c.text for c in client.completions.create(**prompt).choices]
+    assert len(texts) == 2 and texts[1] == client.completions.create(**prompt | {"prompt": "The sky"}).choices[0].text
+    streamed = ["", ""]
+    for chunk in client.completions.create(**prompt, stream=True):
+        streamed[chunk.choices[0].index] += chunk.choices[0].text
+    assert streamed == texts
 
 
 def test_n_choices_and_stop_sequences(client, reference):

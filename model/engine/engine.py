@@ -9,10 +9,13 @@ Each `step()`:
 4. refreshes the MTP cache on the new positions and drafts the next k tokens (speculation only);
 5. returns one Delta per request that produced something, and frees the rows of finished requests.
 
-MTP drafting (one weight set applied recursively): the MTP cache holds, for every position i, the MTP block's
-attention input built from (main hidden h_i, embedding of token i+1). Depth 1 of the draft is the MTP output at the
-last position; depth j > 1 feeds the previous depth's hidden and draft token one position further, and those
-speculative MTP positions are dropped afterwards (the next step rewrites them from real hidden states).
+MTP drafting (one weight set applied recursively): the MTP cache holds the MTP block's keys and values at every
+position i, computed from (main hidden h_i, embedding of token i+1), as vLLM keeps them. Depth 1 of the draft is the
+MTP output at the last position; depth j > 1 feeds the previous depth's hidden and draft token one position further,
+and those speculative MTP positions are dropped afterwards (the next step rewrites them from real hidden states).
+
+With `EngineConfig(compile=True)` the decode-step forwards (backbone, MTP block) run through torch.compile with a
+dynamic batch dimension; prefill stays eager.
 """
 
 from __future__ import annotations
@@ -413,7 +416,7 @@ class Engine:
     def warm_up(self) -> None:
         """Run each decode shape once (batches of one and two, with speculation when on), so that a compiled engine
         compiles now rather than while its first requests wait. The warm-up requests are not counted in stats."""
-        params = SamplingParams(temperature=0, max_tokens=self.k + 3, ignore_eos=True)
+        params = SamplingParams(temperature=0, max_tokens=min(self.k + 3, self.max_len - 1), ignore_eos=True)
         for batch in (1, 2)[: self.config.max_batch]:
             self.generate([[0]] * batch, params)
         self.stats = EngineStats(proposed=[0] * self.k, accepted=[0] * self.k)

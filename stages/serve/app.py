@@ -137,7 +137,8 @@ def build_app(server: Server) -> Starlette:
             return _stream(_completion_chunks(server, req, queue, submitted, response_id), server, submitted)
         done = await _collect(queue, submitted)
         tokenizer = server.engine.engine.tokenizer
-        choices = [protocol.completion_choice(i, c, req, tokenizer.decode(c.prompt_token_ids), server.token_text)
+        echoed = [p if isinstance(p, str) else tokenizer.decode(p) for p in req.prompts]  # as given, for echo
+        choices = [protocol.completion_choice(i, c, req, echoed[i // req.n], server.token_text)
                    for i, c in enumerate(done)]
         prompt_tokens = sum(len(c.prompt_token_ids) for c in done[:: req.n])
         return JSONResponse({
@@ -223,16 +224,21 @@ def _stream(chunks: AsyncIterator[str], server: Server, submitted: list) -> Stre
     return StreamingResponse(guarded(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
 
-async def _chat_chunks(server, req, queue, submitted, response_id) -> AsyncIterator[str]:
+def _chunks(server: Server, req: protocol.Common, response_id: str, kind: str) -> Callable[..., str]:
+    """A writer of stream events: chunk(choices, usage=None); every chunk carries "usage" once it was asked for."""
     created = int(time.time())
 
     def chunk(choices: list[dict], usage: dict | None = None) -> str:
-        body = {"id": response_id, "object": "chat.completion.chunk", "created": created, "model": server.model_name,
-                "choices": choices}
+        body = {"id": response_id, "object": kind, "created": created, "model": server.model_name, "choices": choices}
         if req.include_usage:
             body["usage"] = usage
         return _sse(body)
 
+    return chunk
+
+
+async def _chat_chunks(server, req, queue, submitted, response_id) -> AsyncIterator[str]:
+    chunk = _chunks(server, req, response_id, "chat.completion.chunk")
     for i in range(req.n):
         yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                       "finish_reason": None}])
@@ -255,15 +261,7 @@ async def _chat_chunks(server, req, queue, submitted, response_id) -> AsyncItera
 
 
 async def _completion_chunks(server, req, queue, submitted, response_id) -> AsyncIterator[str]:
-    created = int(time.time())
-
-    def chunk(choices: list[dict], usage: dict | None = None) -> str:
-        body = {"id": response_id, "object": "text_completion", "created": created, "model": server.model_name,
-                "choices": choices}
-        if req.include_usage:
-            body["usage"] = usage
-        return _sse(body)
-
+    chunk = _chunks(server, req, response_id, "text_completion")
     generated = finished = 0
     while finished < len(submitted):
         index, delta = await queue.get()
