@@ -24,12 +24,12 @@ def random_model(vocab_size: int = 64, seed: int = 0, scale: float = 8.0, **over
     """A tiny model with MTP whose weights are scaled up, so its next-token distributions are peaked enough for
     greedy outputs that vary with the context (the default init is nearly uniform)."""
     torch.manual_seed(seed)
-    model = n3.build(tiny_config(vocab_size=vocab_size, **overrides)).eval()
+    built = n3.build(tiny_config(vocab_size=vocab_size, **overrides)).eval()
     with torch.no_grad():
-        for p in model.parameters():
+        for p in built.parameters():
             if p.dim() >= 2:
                 p.mul_(scale)
-    return model
+    return built
 
 
 @pytest.fixture(scope="module")

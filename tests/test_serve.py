@@ -196,6 +196,7 @@ def test_malformed_requests_are_rejected_and_the_server_keeps_serving(client, se
         (valid | {"model": "gpt-4"}, 404, "model_not_found"),
         (valid | {"messages": [{"role": "user", "content": "word " * 200}]}, 400, "context_length_exceeded"),
         (valid | {"max_tokens": 1000}, 400, "context_length_exceeded"),
+        (valid | {"max_thinking_tokens": -1}, 400, "invalid_value"),
     ]
     for body, status, code in cases:
         got, error = post(url + "/v1/chat/completions", body)
@@ -205,7 +206,7 @@ def test_malformed_requests_are_rejected_and_the_server_keeps_serving(client, se
     assert post(url + "/v1/nothing", {})[0] == 404
     with pytest.raises(openai.BadRequestError):
         client.chat.completions.create(model="tiny-chat", messages=[], max_tokens=2)
-    assert client.chat.completions.create(**valid).choices[0].finish_reason in ("stop", "length")
+    assert client.chat.completions.create(**valid, seed=-(2**70)).choices[0].finish_reason in ("stop", "length")
 
 
 def test_metrics(client, server):

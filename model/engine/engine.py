@@ -175,7 +175,7 @@ class Engine:
                 + (f" and max_tokens asks for {params.max_tokens} more" if params.max_tokens else "")
             )
         seed = params.seed if params.seed is not None else self._seeds.getrandbits(63)
-        generator = torch.Generator().manual_seed(seed)
+        generator = torch.Generator().manual_seed(seed % (1 << 63))  # any integer seed, negative or huge
         request_id = request_id or f"req-{next(self._ids)}"
         return Sequence(request_id, ids, params, max_tokens, stop_ids, tok, generator, thinking)
 
@@ -385,9 +385,11 @@ class Engine:
         """Verify each row's drafts against logits (b, 1 + k, V) of the positions fed. Returns per row the number of
         drafts accepted and the token that follows them (the target's correction, or a bonus when all pass)."""
         k = logits.shape[1] - 1
+        sampled = [i for i, s in enumerate(seqs) if not s.params.greedy]
+        if not k and not sampled:  # plain greedy decoding: the argmax, without the verification machinery
+            return [0] * len(seqs), logits[:, 0].argmax(-1).tolist()
         drafts = torch.tensor([s.drafts[:k] for s in seqs], dtype=torch.long, device=self.device).view(len(seqs), k)
         accepted, final = greedy_accept(drafts, logits)
-        sampled = [i for i, s in enumerate(seqs) if not s.params.greedy]
         if sampled:
             rows = [seqs[i] for i in sampled]
             target = self._filtered(rows, logits[sampled])
