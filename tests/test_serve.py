@@ -13,6 +13,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+import torch
 
 import model as n3
 from model.engine import Engine, EngineConfig, SamplingParams
@@ -322,3 +323,25 @@ def test_a_failed_compilation_falls_back_to_eager(checkpoint, monkeypatch):
     assert plan.engine.compile
     engine = load_engine(plan)
     assert not engine.config.compile and engine.generate([[1, 2]], SamplingParams(max_tokens=2))[0].token_ids
+
+
+def test_serves_a_quantized_checkpoint(tmp_path, tokenizer):
+    """A modelopt-format checkpoint from `n3 quantize` (the Nemotron recipe: NVFP4 experts, FP8 Mamba projections)
+    loads and answers like the dequantized model it holds."""
+    pytest.importorskip("modelopt.torch.quantization")
+    import presets
+    from stages.quantize import quantize
+    from stages.serve import load_engine, plan_serve
+    from tests.test_model import tiny_config
+
+    source = tmp_path / "bf16"
+    torch.manual_seed(0)
+    n3.save_pretrained(n3.build(tiny_config(vocab_size=512, moe_intermediate_size=16, intermediate_size=32,
+                                            moe_shared_expert_intermediate_size=32)), source)
+    tokenizer.save(source)
+    quantize(source, tmp_path / "q", recipe="nemotron", four_over_six=None, calib_tokens=256, eval_tokens=256, seq_len=64)
+    plan = plan_serve(tmp_path / "q", presets.load("cpu", ["serve.compile=false", "serve.max_batch=2"]))
+    engine = load_engine(plan)
+    greedy = SamplingParams(temperature=0, max_tokens=6)
+    expected = Engine(n3.from_pretrained(tmp_path / "q"), tokenizer).generate(["The sky"], greedy)[0].token_ids
+    assert engine.generate(["The sky"], greedy)[0].token_ids == expected and len(expected) == 6
