@@ -3,6 +3,7 @@ in-process engine on the same checkpoint; malformed requests; metrics; graceful 
 
 import asyncio
 import json
+import os
 import signal
 import socket
 import subprocess
@@ -55,6 +56,7 @@ def server(checkpoint):
         [str(N3), "serve", "-c", str(checkpoint), "--port", str(port), "-s", "serve.max_batch=8",
          "-s", "serve.speculative_tokens=2", "-s", "serve.compile=false"],  # test_engine covers compilation
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        env=os.environ | {"OMP_NUM_THREADS": "1"},  # a tiny model: one thread, no contention with the test process
     )
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 120
