@@ -11,6 +11,8 @@ _EXPORTS = {
     "causal_conv1d_step": "kernels.conv",
     "configure": "kernels.backends",
     "group_by_expert": "kernels.moe",
+    "linear_cross_entropy": "kernels.cross_entropy",
+    "permute_rows": "kernels.moe",
     "grouped_mm": "kernels.moe",
     "ssd_chunk_scan": "kernels.ssd",
     "ssd_step": "kernels.ssd",

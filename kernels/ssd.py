@@ -30,7 +30,8 @@ def ssd_chunk_scan(
     """
     if fast_path("ssd", x.is_cuda) == "mamba_ssm":
         return _mamba_ssm_chunk_scan(x, dt, A, B, C, D, chunk_size, initial_state)
-    return ssd_chunk_scan_reference(x, dt, A, B, C, D, chunk_size, initial_state)
+    with torch.autocast(x.device.type, enabled=False):  # the reference promises fp32 math; autocast would use bf16
+        return ssd_chunk_scan_reference(x, dt, A, B, C, D, chunk_size, initial_state)
 
 
 def ssd_chunk_scan_reference(x, dt, A, B, C, D, chunk_size, initial_state=None):
@@ -85,11 +86,13 @@ def ssd_chunk_scan_reference(x, dt, A, B, C, D, chunk_size, initial_state=None):
 
 
 def _segment_sum(a: torch.Tensor) -> torch.Tensor:
-    """out[..., i, j] = a[j+1] + ... + a[i] for j <= i, -inf above the diagonal; summed directly for fp32 accuracy."""
+    """out[..., i, j] = a[j+1] + ... + a[i] for j <= i, -inf above the diagonal.
+
+    A difference of float64 cumulative sums: as accurate as summing each segment in fp32 (a difference of fp32
+    cumulative sums is not, once the sums grow large), in one pass over the (L, L) result instead of several."""
     L = a.size(-1)
-    expanded = a[..., None].expand(*a.shape, L)  # [..., k, j] = a[k]
-    below = torch.tril(torch.ones(L, L, dtype=torch.bool, device=a.device), diagonal=-1)
-    sums = expanded.masked_fill(~below, 0).cumsum(dim=-2)
+    total = a.to(torch.promote_types(a.dtype, torch.float64)).cumsum(-1)
+    sums = (total[..., :, None] - total[..., None, :]).to(a.dtype)
     keep = torch.tril(torch.ones(L, L, dtype=torch.bool, device=a.device))
     return sums.masked_fill(~keep, float("-inf"))
 

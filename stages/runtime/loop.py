@@ -1,0 +1,190 @@
+"""The training loop every training stage runs: micro-batches with gradient accumulation, exact global-batch loss
+normalisation, clipping, AdamW with the WSD schedule, the expert-bias update, metrics, evaluation, checkpoints.
+
+A stage supplies a `TrainingJob`: the model, its objective (a module whose forward returns the loss, see
+losses.CausalLMObjective) prepared by distributed.prepare_model, the optimizer, and a source of batches with
+`next_step()` (this rank's micro-batches), `state_dict()` and `load_state_dict()`.
+
+Loss normalisation: each head's summed token losses are divided by that head's valid-label count over the whole global
+batch (all micro-batches, all ranks), so one process with accumulation and N processes compute the same loss and
+gradients. Data-parallel wrappers average gradients over ranks, hence the factor `world` in the weights.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from kernels.cross_entropy import IGNORE
+from model.hybrid import NemotronH
+from model.tokenizer import Tokenizer
+from presets.schema import RunConfig
+from stages.runtime import distributed
+from stages.runtime.checkpointing import save_checkpoint
+from stages.runtime.distributed import World
+from stages.runtime.losses import head_token_counts, moe_layers, update_expert_bias
+from stages.runtime.metrics import MetricsLog, Monitor, max_violation
+from stages.runtime.optim import set_lr, wsd_lr
+from stages.runtime.progress import Progress
+
+
+@dataclass
+class TrainingJob:
+    cfg: RunConfig
+    world: World
+    model: NemotronH
+    """The bare model inside `objective` (MoE layers and residual norms are read from it)."""
+    objective: nn.Module
+    optimizer: torch.optim.Optimizer
+    batches: object
+    total_steps: int
+    run: Path
+    tokenizer: Tokenizer
+    progress: Progress
+    flops_per_token: float
+    peak_flops: float | None
+    evaluate: Callable[[], float | None] | None = None
+    """Validation loss of the current weights (collective), or None when there is nothing to validate on."""
+    trainer_state: dict = field(default_factory=dict)
+    """Facts saved in every checkpoint's trainer.json besides the loop's own (e.g. the corpus fingerprint)."""
+
+
+@dataclass
+class LoopResult:
+    steps: int
+    tokens: int
+    seconds: float
+    last: dict
+    """The last step's metrics record."""
+    val_loss: float | None
+    checkpoint: Path | None
+    warnings: list[str]
+
+
+def run_loop(job: TrainingJob, start_step: int = 0, monitor_state: dict | None = None) -> LoopResult:
+    cfg, train, world = job.cfg, job.cfg.train, job.world
+    main_moes, mtp_moes = moe_layers(job.model)
+    moes = main_moes + mtp_moes
+    moe_names = [f"{i}" for i, kind in enumerate(job.model.config.main_pattern) if kind == "E"]
+    moe_names += [f"mtp.{j}" for j, kind in enumerate(job.model.config.mtp_pattern) if kind == "E"]
+    depths = train.mtp_depths
+    head_scales = [1.0] + [train.mtp_loss_scale / depths] * depths
+    tokens_per_step = train.global_batch_size * train.seq_len
+    monitor = Monitor(train.maxvio_warn, train.residual_jump_warn)
+    if monitor_state:
+        monitor.load_state_dict(monitor_state)
+    log = MetricsLog(job.run / "metrics.jsonl", resume_step=start_step if start_step else None) if world.is_main else None
+    params = [p for p in job.objective.parameters() if p.requires_grad]
+
+    job.progress.start("training", total=job.total_steps, completed=start_step)
+    record: dict = {}
+    val_loss, checkpoint, warnings, started = None, None, [], time.perf_counter()
+    job.objective.train()
+    for step in range(start_step, job.total_steps):
+        tick = time.perf_counter()
+        lr = wsd_lr(step, job.total_steps, train)
+        set_lr(job.optimizer, lr)
+        micro_batches = job.batches.next_step()
+        counts = torch.stack([head_token_counts(mb.labels, depths) for mb in micro_batches]).sum(0)
+        counts = world.all_reduce(counts.to(world.device)).clamp(min=1).tolist()
+        weights = [world.size * s / n for s, n in zip(head_scales, counts)]
+        weights.append(train.aux_loss_coeff / len(micro_batches))
+
+        sums = torch.zeros(len(head_scales) + 1, device=world.device)  # head losses, then the aux loss
+        load = rms = None
+        for i, mb in enumerate(micro_batches):
+            with distributed.gradient_sync(job.objective, sync=i == len(micro_batches) - 1):
+                with distributed.autocast(cfg, world):
+                    out = job.objective(mb.input_ids.to(world.device), mb.labels.to(world.device), weights)
+                out["loss"].backward()
+            sums += torch.cat([out["head_sums"], out["aux"][None]])
+            load = out["expert_load"] if load is None else load + out["expert_load"]
+            rms = out["residual_rms"] if rms is None else rms + out["residual_rms"]
+        distributed.reduce_output_gradients(job.objective, world)
+        stats = world.all_reduce(torch.cat([sums, load.flatten(), rms]))
+        sums, load, rms = stats[: len(sums)], stats[len(sums) : len(sums) + load.numel()].view_as(load), stats[-len(rms) :]
+        rms /= len(micro_batches) * world.size
+
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, train.grad_clip or math.inf)
+        job.optimizer.step()
+        job.optimizer.zero_grad(set_to_none=True)
+        for moe, layer_load in zip(moes, load):
+            update_expert_bias(moe, layer_load, train.bias_update_rate)
+
+        done = step + 1
+        seconds = time.perf_counter() - tick
+        head_losses = [s / n for s, n in zip(sums[:-1].tolist(), counts)]
+        aux = sums[-1].item() / (len(micro_batches) * world.size)
+        maxvio = max_violation(load).tolist() if len(moes) else []
+        throughput = tokens_per_step / seconds
+        record = {
+            "step": done,
+            "loss": head_losses[0] + sum(s * l for s, l in zip(head_scales[1:], head_losses[1:]))
+            + train.aux_loss_coeff * aux,
+            "ce": head_losses[0],
+            "mtp": head_losses[1:],
+            "aux": aux,
+            "lr": lr,
+            "grad_norm": float(_full(grad_norm)),
+            "tokens": done * tokens_per_step,
+            "tokens_per_s": throughput,
+            "mfu": throughput * job.flops_per_token / (job.peak_flops * world.size) if job.peak_flops else None,
+            "phase": job.batches.phase(),
+            "maxvio": dict(zip(moe_names, maxvio)),
+            "residual_rms": rms.tolist(),
+        }
+        step_warnings = monitor.check(done, maxvio, record["residual_rms"], moe_names)
+        if done % train.eval_interval == 0 or done == job.total_steps:
+            val_loss = job.evaluate() if job.evaluate else None
+            record["val_loss"] = val_loss
+        if step_warnings:
+            record["warnings"] = step_warnings
+            warnings += step_warnings
+        if log is not None:
+            log.write(record)
+            for warning in step_warnings:
+                job.progress.note(f"warning: {warning}")
+        job.progress.advance(1, loss=record["loss"], lr=lr, tokens_per_s=throughput, mfu=record["mfu"])
+        if done % train.checkpoint_interval == 0 or done == job.total_steps:
+            trainer = job.trainer_state | {"data": job.batches.state_dict(), "monitor": monitor.state_dict()}
+            checkpoint = save_checkpoint(job.run, done, job.objective, job.optimizer, trainer, job.tokenizer, world,
+                                         keep=train.keep_checkpoints)
+    seconds = time.perf_counter() - started
+    steps = job.total_steps - start_step
+    return LoopResult(steps, steps * tokens_per_step, seconds, record, val_loss, checkpoint, warnings)
+
+
+def _full(tensor: torch.Tensor) -> torch.Tensor:
+    """A DTensor (FSDP2's gradient norm) as a plain tensor."""
+    return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
+
+
+def validation(objective: nn.Module, batches: list, cfg: RunConfig, world: World) -> Callable[[], float | None]:
+    """A function returning the mean next-token loss over `batches` (micro-batches of the validation set). Every
+    rank runs the same number of forwards (FSDP gathers weights in each); a rank short of batches runs a masked one."""
+    per_rank = math.ceil(len(batches) / world.size)
+
+    @torch.no_grad()
+    def evaluate() -> float | None:
+        if not batches:
+            return None
+        totals = torch.zeros(2, device=world.device)
+        objective.eval()
+        for i in range(per_rank):
+            j = i * world.size + world.rank
+            inputs, labels = (batches[j].input_ids, batches[j].labels) if j < len(batches) else (
+                batches[0].input_ids, torch.full_like(batches[0].labels, IGNORE))
+            with distributed.autocast(cfg, world):
+                out = objective(inputs.to(world.device), labels.to(world.device))
+            totals += torch.stack([out["head_sums"][0], (labels != IGNORE).sum().to(totals)])
+        objective.train()
+        world.all_reduce(totals)
+        return (totals[0] / totals[1].clamp(min=1)).item()
+
+    return evaluate
