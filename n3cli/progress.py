@@ -28,14 +28,16 @@ class RichProgress:
         self.task = None
 
     def __enter__(self) -> RichProgress:
-        self.bars.start()
         return self
 
     def __exit__(self, *exc) -> None:
-        self.bars.stop()
+        if self.task is not None:
+            self.bars.stop()
 
     def start(self, description: str, total: float | None = None, completed: float = 0) -> None:
-        if self.task is not None:
+        if self.task is None:
+            self.bars.start()  # on the first phase: an error before any work prints its one line and nothing else
+        else:
             self.bars.update(self.task, completed=self.bars.tasks[self.task].total)
         self.task = self.bars.add_task(description, total=total, completed=completed, figures="")
 

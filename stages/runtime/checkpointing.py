@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 import torch.distributed.checkpoint as dcp
 from torch import nn
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -99,8 +100,9 @@ def load_checkpoint(path: Path, objective: nn.Module, optimizer: torch.optim.Opt
     try:
         with _single_process_is_intended():
             dcp.load(state, checkpoint_id=path / STATE, no_dist=not world.distributed)
-    except Exception as err:  # dcp wraps every rank's failure (missing file, bad pickle, short read) in its own types
-        message = " ".join(str(err).split())[:300]
+    except (Exception, CheckpointException) as err:  # dcp gathers every rank's failure in a BaseException
+        cause = next(iter(err.failures.values()))[0] if isinstance(err, CheckpointException) else err
+        message = f"{type(cause).__name__} {' '.join(str(cause).split())[:200]}".strip()
         raise UserError(f"cannot read the training state in {path / STATE}: {message} (corrupt checkpoint?)") from None
     set_state_dict(objective, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
     rng = path / f"rng-{world.rank}.pt"
