@@ -101,9 +101,9 @@ def _transformers_step(ours, cfg, inputs, labels, autocast):
         theirs = transformers.NemotronHForCausalLM.from_pretrained(tmp, dtype=torch.float32).to(inputs.device)
     theirs.train()
     train = cfg.train
-    optimizer = torch.optim.AdamW(
+    optimizer = torch.optim.AdamW(  # the same optimizer n3 builds: the comparison is of the models' steps
         param_groups(theirs, train.weight_decay, train.no_decay), lr=train.lr,
-        betas=(train.adam_beta1, train.adam_beta2), eps=train.adam_eps,
+        betas=(train.adam_beta1, train.adam_beta2), eps=train.adam_eps, fused=True,
     )
 
     def step() -> float:

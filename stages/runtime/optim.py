@@ -32,11 +32,16 @@ def param_groups(model: nn.Module, weight_decay: float, no_decay: str) -> list[d
 
 
 def build_optimizer(model: nn.Module, train: TrainConfig) -> torch.optim.AdamW:
+    """AdamW over `param_groups`; the fused kernel (one pass per parameter) where every parameter is a plain CPU or
+    CUDA float tensor, which on a CPU is several times faster than the per-tensor loop."""
+    params = list(model.parameters())
+    fused = all(p.device.type in ("cpu", "cuda") and p.is_floating_point() and type(p) is nn.Parameter for p in params)
     return torch.optim.AdamW(
         param_groups(model, train.weight_decay, train.no_decay),
         lr=train.lr,
         betas=(train.adam_beta1, train.adam_beta2),
         eps=train.adam_eps,
+        fused=fused or None,
     )
 
 
