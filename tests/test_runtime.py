@@ -175,6 +175,9 @@ def test_monitor_warns_on_maxvio_and_residual_jumps():
         "step 2: MaxVio 7.50 in MoE layer mtp.1 (limit 5): routing is collapsing"]
     warnings = monitor.check(3, [1.2, 1.3], [5.0, 2.2], ["2", "mtp.1"])
     assert len(warnings) == 1 and "residual RMS of layer 0 jumped to 5" in warnings[0]
+    settling = Monitor(maxvio_limit=5.0, residual_jump=2.0, settle_steps=2)
+    assert settling.check(1, [1.0], [1.0], ["2"]) == [] and settling.check(2, [1.0], [5.0], ["2"]) == []
+    assert len(settling.check(3, [1.0], [20.0], ["2"])) == 1  # after settling, a jump warns
     restored = Monitor(5.0, 2.0)
     restored.load_state_dict(monitor.state_dict())
     assert restored.check(4, [1.0, 1.0], [1.0, 2.0], ["2", "mtp.1"]) == monitor.check(4, [1.0, 1.0], [1.0, 2.0],

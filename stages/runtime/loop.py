@@ -76,7 +76,7 @@ def run_loop(job: TrainingJob, start_step: int = 0, monitor_state: dict | None =
     depths = train.mtp_depths
     head_scales = [1.0] + [train.mtp_loss_scale / depths] * depths
     tokens_per_step = train.global_batch_size * train.seq_len
-    monitor = Monitor(train.maxvio_warn, train.residual_jump_warn)
+    monitor = Monitor(train.maxvio_warn, train.residual_jump_warn, settle_steps=max(train.warmup_steps, 50))
     if monitor_state:
         monitor.load_state_dict(monitor_state)
     log = MetricsLog(job.run / "metrics.jsonl", resume_step=start_step if start_step else None) if world.is_main else None

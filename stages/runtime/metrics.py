@@ -63,10 +63,12 @@ def peak_flops(device: torch.device, configured_tflops: float = 0.0) -> float | 
 
 class Monitor:
     """Warns when a MoE layer's MaxVio passes its threshold, or a layer's residual RMS jumps past a multiple of its
-    running average (an exponential average that starts after the first step)."""
+    running average (an exponential average). Residual norms grow fast from initialisation, so their warnings wait
+    until `settle_steps` have passed."""
 
-    def __init__(self, maxvio_limit: float, residual_jump: float, smoothing: float = 0.9):
+    def __init__(self, maxvio_limit: float, residual_jump: float, settle_steps: int = 0, smoothing: float = 0.9):
         self.maxvio_limit, self.residual_jump, self.smoothing = maxvio_limit, residual_jump, smoothing
+        self.settle_steps = settle_steps
         self.residual_average: list[float] | None = None
 
     def state_dict(self) -> dict:
@@ -80,17 +82,18 @@ class Monitor:
             f"step {step}: MaxVio {v:.2f} in MoE layer {name} (limit {self.maxvio_limit:g}): routing is collapsing"
             for name, v in zip(moe_names, maxvio) if v > self.maxvio_limit
         ]
-        if self.residual_average is not None:
+        if self.residual_average is not None and step > self.settle_steps:
             for layer, (rms, average) in enumerate(zip(residual_rms, self.residual_average)):
                 if rms > self.residual_jump * average:
                     warnings.append(
                         f"step {step}: residual RMS of layer {layer} jumped to {rms:.3g} "
                         f"({rms / average:.1f}x its running average): an early sign of divergence"
                     )
+        if self.residual_average is None:
+            self.residual_average = list(residual_rms)
+        else:
             a = self.smoothing
             self.residual_average = [a * avg + (1 - a) * rms for avg, rms in zip(self.residual_average, residual_rms)]
-        else:
-            self.residual_average = list(residual_rms)
         return warnings
 
 
