@@ -16,6 +16,7 @@ FAST_PATHS: dict[str, dict[str, str]] = {
     "conv1d": {"causal_conv1d": "causal_conv1d"},
     "attention": {"flash": "flash_attn"},
     "moe": {"grouped_mm": "torch"},
+    "fp8_gemm": {"scaled_mm": "torch"},  # torch._scaled_mm; also needs compute capability 8.9+ (checked per call)
 }
 CHOICES: dict[str, tuple[str, ...]] = {op: ("auto", "torch", *fast) for op, fast in FAST_PATHS.items()}
 

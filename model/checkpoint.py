@@ -215,11 +215,15 @@ def from_pretrained(
 ) -> NemotronH:
     """Load an HF NemotronH checkpoint directory (either naming, sharded or not) as an n3 model.
 
-    dtype defaults to the checkpoint's own; routers stay fp32 either way.
+    dtype defaults to the checkpoint's own; routers stay fp32 either way. A modelopt-format quantized checkpoint
+    (config.json has a quantization_config) loads with its weights decoded: see dequantize_modelopt.
     """
     hf = read_config(path)
     cfg = config_from_hf(hf)
-    tensors = to_n3_names(read_tensors(path))
+    tensors = read_tensors(path)
+    if hf.get("quantization_config"):
+        tensors = dequantize_modelopt(tensors, hf["quantization_config"])
+    tensors = to_n3_names(tensors)
     if not cfg.mtp_pattern:  # transformers ignores MTP weights of a model configured without MTP; so do we
         tensors = {k: v for k, v in tensors.items() if not k.startswith("mtp.")}
     if dtype is None:
@@ -244,6 +248,40 @@ def from_pretrained(
         tensors[key] = value.to(device)
     model.load_state_dict(tensors, assign=True)
     return cast(model, dtype)
+
+
+MODELOPT_ALGOS = ("NVFP4", "W4A16_NVFP4", "FP8")
+
+
+def dequantize_modelopt(tensors: dict[str, torch.Tensor], quant_config: dict) -> dict[str, torch.Tensor]:
+    """Weights of a modelopt-format checkpoint (what `n3 quantize` writes, and NVIDIA's NVFP4/FP8 releases) decoded
+    to fp32, their scales dropped: the W4A16 path, exact to what the stored codes mean.
+
+    NVFP4: `weight` uint8 (two E2M1 codes per byte), `weight_scale` E4M3 per 16 inputs, `weight_scale_2` fp32;
+    FP8: `weight` E4M3, `weight_scale` fp32. `input_scale` (activation quantization) has no use at W4A16.
+    """
+    from kernels.nvfp4 import NVFP4Tensor  # here: plain checkpoints never need it
+
+    if quant_config.get("quant_method") != "modelopt":
+        raise UserError(f"quantization_config quant_method {quant_config.get('quant_method')!r}: "
+                        "n3 reads modelopt-format (NVFP4, FP8) checkpoints")
+    layers = quant_config.get("quantized_layers") or {}
+    algos = {layer.get("quant_algo") for layer in layers.values()} or {quant_config.get("quant_algo")}
+    if unsupported := sorted(str(a) for a in algos - {None, *MODELOPT_ALGOS}):
+        raise UserError(f"quantization_config uses {', '.join(unsupported)}; n3 reads {', '.join(MODELOPT_ALGOS)}")
+    out = {}
+    for key, value in tensors.items():
+        prefix, _, leaf = key.rpartition(".")
+        if leaf in ("weight_scale", "weight_scale_2", "input_scale"):
+            continue
+        if leaf == "weight" and f"{prefix}.weight_scale" in tensors:
+            scale = tensors[f"{prefix}.weight_scale"]
+            if f"{prefix}.weight_scale_2" in tensors:
+                value = NVFP4Tensor(value, scale, tensors[f"{prefix}.weight_scale_2"].float(), (1, 16)).dequantize()
+            else:
+                value = value.float() * scale.float()
+        out[key] = value
+    return out
 
 
 def _few(keys: list[str]) -> str:
@@ -291,7 +329,14 @@ def write_pretrained(
 ) -> None:
     """Write config.json, safetensors shards and their index into an existing directory (see save_pretrained)."""
     directory = Path(directory)
-    tensors = {k: v.detach().contiguous().cpu() for k, v in to_hub_names(model.state_dict()).items()}
+    write_tensors(to_hub_names(model.state_dict()), directory, max_shard_bytes)
+    config = config_to_hf(model.config, model.lm_head.weight.dtype) | (extra_config or {})
+    (directory / "config.json").write_text(json.dumps(config, indent=2))
+
+
+def write_tensors(tensors: dict[str, torch.Tensor], directory: Path, max_shard_bytes: int = 5 * 2**30) -> None:
+    """Safetensors shards of at most max_shard_bytes each and their index, under the names given."""
+    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
     shards: list[dict[str, torch.Tensor]] = [{}]
     size = 0
     for key, value in tensors.items():
@@ -309,8 +354,6 @@ def write_pretrained(
     total = sum(v.numel() * v.element_size() for v in tensors.values())
     index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
     (directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
-    config = config_to_hf(model.config, model.lm_head.weight.dtype) | (extra_config or {})
-    (directory / "config.json").write_text(json.dumps(config, indent=2))
 
 
 def save_pretrained(

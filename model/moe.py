@@ -47,14 +47,22 @@ class Experts(nn.Module):
         self.up_proj = nn.Parameter(torch.empty(E, m, l))
         self.down_proj = nn.Parameter(torch.empty(E, l, m))
 
+    @property
+    def num_experts(self) -> int:
+        return self.up_proj.shape[0]
+
     def forward(self, x: torch.Tensor, chosen: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """x (tokens, l); each token's k copies run through their experts, weighted and summed in fp32."""
         tokens, k = chosen.shape
-        order, inverse, counts = group_by_expert(chosen, self.up_proj.shape[0])
+        order, inverse, counts = group_by_expert(chosen, self.num_experts)
         copies = x[:, None].expand(tokens, k, x.shape[1]).reshape(tokens * k, -1)  # row token * k + slot
-        h = relu2(grouped_mm(permute_rows(copies, order, inverse), self.up_proj, counts))
-        out = permute_rows(grouped_mm(h, self.down_proj, counts), inverse, order).view(tokens, k, -1)
+        h = relu2(self.matmul(permute_rows(copies, order, inverse), self.up_proj, counts))
+        out = permute_rows(self.matmul(h, self.down_proj, counts), inverse, order).view(tokens, k, -1)
         return (out.float() * weights[..., None]).sum(1).to(x.dtype)
+
+    def matmul(self, rows: torch.Tensor, weight: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """The expert GEMM (see kernels.grouped_mm); low-precision subclasses (model.lowp, n3 quantize) override it."""
+        return grouped_mm(rows, weight, counts)
 
 
 class LatentMoE(nn.Module):

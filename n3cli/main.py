@@ -16,7 +16,7 @@ from typing import Annotated
 import typer
 
 from model.errors import UserError
-from n3cli import __version__, data, presets, pretrain
+from n3cli import __version__, data, presets, pretrain, quantize
 from n3cli.options import Debug
 
 # Subcommand -> a plain function (one command) or a Typer app (a group such as `presets`). A new subcommand is a
@@ -26,6 +26,7 @@ COMMANDS: dict[str, Callable | typer.Typer] = {
     "data": data.run,
     "presets": presets.app,
     "pretrain": pretrain.run,
+    "quantize": quantize.run,
 }
 
 app = typer.Typer(

@@ -66,6 +66,6 @@ def to_toml(values: dict) -> str:
 def _toml_value(value: object) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
-    if isinstance(value, str):
-        return json.dumps(value, ensure_ascii=False)  # a JSON string is a TOML basic string
+    if isinstance(value, (str, list)):
+        return json.dumps(value, ensure_ascii=False)  # JSON strings and string lists are valid TOML
     return repr(value)  # ints and floats: Python's repr is valid TOML (1e-05, 2.5)

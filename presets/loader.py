@@ -42,7 +42,9 @@ def _schema(cls: type, prefix: str = "") -> dict[str, type]:
 
 KEYS = _schema(RunConfig)
 del KEYS["name"]  # not settable: a run is named after its preset
-TYPE_NAMES = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
+TYPE_NAMES = {
+    int: "an integer", float: "a number", bool: "true or false", str: "a string", list[str]: "a list of strings"
+}
 BOOLS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
 
 
@@ -184,6 +186,8 @@ def _is(value: object, kind: type) -> bool:
         return kind is bool
     if kind is float:
         return isinstance(value, (int, float))
+    if kind == list[str]:
+        return isinstance(value, list) and all(isinstance(v, str) for v in value)
     return isinstance(value, kind)
 
 
@@ -206,7 +210,10 @@ def _parse_overrides(overrides: Iterable[str]) -> dict:
             example = next(k for k in KEYS if k.startswith(key + "."))
             raise UserError(f"'{key}' in {SET} is a table; set one of its keys, e.g. {example}=...")
         try:
-            value = BOOLS[text.strip().lower()] if kind is bool else kind(text)
+            if kind == list[str]:  # comma-separated: --set precision.bf16_modules=lm_head,mtp.*
+                value = [item.strip() for item in text.split(",") if item.strip()]
+            else:
+                value = BOOLS[text.strip().lower()] if kind is bool else kind(text)
         except (KeyError, ValueError):
             raise UserError(f"'{key}' in {SET} must be {TYPE_NAMES[kind]}, got {text!r}") from None
         *tables, leaf = key.split(".")

@@ -22,12 +22,30 @@ CHOICES: dict[str, tuple[str, ...]] = {
 }
 
 
+# The Nemotron 3 Super/Ultra NVFP4 recipe (REFERENCE.md section 3), as module-name patterns on n3's (= transformers 5)
+# module names. Embeddings and routers are not GEMM modules and always stay in high precision.
+RECIPE_BF16_MODULES = [
+    "lm_head",  # the output layer and the embeddings stay BF16
+    "mtp.*",  # the MTP head: its loss is a small signal next to the main loss
+    "*.mixer.q_proj", "*.mixer.k_proj", "*.mixer.v_proj", "*.mixer.o_proj",  # attention: few FLOPs, sensitive
+    "*.mixer.fc1_latent_proj", "*.mixer.fc2_latent_proj",  # LatentMoE projections: every token passes through them
+]
+RECIPE_FP8_MODULES = ["*.mixer.out_proj"]  # Mamba out_proj in MXFP8 (Super): its inputs carry outliers FP4 clips
+
+
 @dataclass
 class PrecisionConfig:
     params: str = "fp32"
     """Master weights and optimizer state dtype: fp32 | bf16."""
     compute: str = "fp32"
-    """Matmul precision: fp32 | bf16 (autocast) | fp8 | nvfp4."""
+    """Matmul precision: fp32 | bf16 (autocast) | fp8 | nvfp4. fp8 and nvfp4 convert the model with model.lowp."""
+    bf16_modules: list[str] = field(default_factory=lambda: list(RECIPE_BF16_MODULES))
+    """Module-name patterns (fnmatch, e.g. "*.mixer.q_proj") kept in high precision when compute is fp8 or nvfp4."""
+    fp8_modules: list[str] = field(default_factory=lambda: list(RECIPE_FP8_MODULES))
+    """Module-name patterns run in MXFP8 when compute is nvfp4 (under fp8 every converted module is FP8)."""
+    bf16_last_layers: float = 0.15
+    """Fraction of the final sublayers kept in high precision when compute is fp8 or nvfp4, rounded down
+    (Nemotron 3 Ultra: 16 of 108)."""
 
 
 @dataclass
@@ -130,6 +148,8 @@ class KernelConfig:
     conv1d: str = "auto"
     attention: str = "auto"
     moe: str = "auto"
+    fp8_gemm: str = "auto"
+    """FP8 GEMMs of `precision.compute = "fp8"`: scaled_mm (torch._scaled_mm, CUDA 8.9+) or the fp32 emulation."""
 
 
 @dataclass

@@ -96,7 +96,7 @@ def pretrain(
 
     torch.manual_seed(cfg.train.seed)
     model = build(cfg.model, device=world.device)
-    objective = distributed.prepare_model(CausalLMObjective(model, cfg.train.mtp_depths), cfg, world)
+    objective = distributed.prepare_model(CausalLMObjective(model, cfg.train.mtp_depths), cfg, world, progress.note)
     optimizer = build_optimizer(objective, cfg.train)
     batches = PackedBatches(corpus, manifest, cfg.train.seq_len, cfg.train.micro_batch_size,
                             cfg.train.global_batch_size, steps, world.rank, world.size)

@@ -155,4 +155,6 @@ def test_bf16_matches_transformers_bf16(tmp_path):
     ids = torch.randint(0, 96, (2, 9))
     with torch.no_grad():
         diff = (ours(ids) - hf16(ids).logits).abs().max()
-    assert diff < 0.1  # bf16 rounding of two implementations, not a layout error (those are O(1))
+    # Attention and MLP sublayers agree bitwise; Mamba differs by about one bf16 ulp because n3 forms dt + dt_bias and
+    # its softplus in fp32, as the mamba_ssm kernels do, where transformers' reference path stays in bf16.
+    assert diff < 0.1

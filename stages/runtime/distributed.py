@@ -11,6 +11,7 @@ import contextlib
 import datetime
 import inspect
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -87,11 +88,6 @@ def check_layout(cfg: RunConfig, world: World) -> None:
                 f"parallel.{key} = {getattr(parallel, key)}: training runs data-parallel (DDP or FSDP2) only; "
                 f"set parallel.{key}=1"
             )
-    if cfg.precision.compute in ("fp8", "nvfp4"):
-        raise UserError(
-            f"precision.compute = {cfg.precision.compute}: low-precision training is not in this build; "
-            "use precision.compute=bf16"
-        )
     if cfg.precision.compute == "bf16" and world.device.type != "cuda":
         raise UserError("precision.compute = bf16 needs a GPU here; on CPU use precision.compute=fp32")
     per_step = cfg.train.micro_batch_size * world.size
@@ -105,20 +101,27 @@ def check_layout(cfg: RunConfig, world: World) -> None:
 
 
 def autocast(cfg: RunConfig, world: World):
-    """The compute-precision context of forward passes: bf16 autocast on GPU, nothing in fp32."""
-    if cfg.precision.compute == "bf16":
+    """The compute-precision context of forward passes: bf16 autocast on GPU (for what fp8/nvfp4 leave in high
+    precision too), nothing on CPU (fp32, or fp8/nvfp4 emulated around fp32)."""
+    if cfg.precision.compute != "fp32" and world.device.type == "cuda":
         return torch.autocast(world.device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
 
-def prepare_model(objective: nn.Module, cfg: RunConfig, world: World) -> nn.Module:
-    """The one place a model becomes trainable: master-weight dtype, then low-precision converters (none yet: an
-    FP8/NVFP4 converter goes here, on the unwrapped modules), then DDP or FSDP2. Returns what the loop calls."""
+def prepare_model(
+    objective: nn.Module, cfg: RunConfig, world: World, note: Callable[[str], None] = lambda message: None
+) -> nn.Module:
+    """The one place a model becomes trainable: master-weight dtype, then the low-precision converter (fp8, nvfp4:
+    model.lowp, on the unwrapped modules), then DDP or FSDP2. Returns what the loop calls; `note` hears what the
+    converter did."""
+    from model.hybrid import cast
+    from model.lowp import LOW_PRECISION_COMPUTE, convert
+
     objective.to(world.device)
     if cfg.precision.params == "bf16":
-        from model.hybrid import cast
-
         cast(objective, torch.bfloat16)
+    if cfg.precision.compute in LOW_PRECISION_COMPUTE:
+        note(convert(objective.model, cfg.precision).summary())
     if not world.distributed:
         return objective
     if cfg.parallel.strategy == "ddp":
