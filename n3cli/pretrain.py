@@ -14,6 +14,7 @@ from typing import Annotated
 import typer
 
 from n3cli.options import DEFAULT_PRESET, DryRun, Out, Preset, Sets, load_preset
+from presets import RunConfig
 
 Resume = Annotated[
     bool, typer.Option("--resume", help="Continue the run in --out from its latest checkpoint, with its saved preset.")
@@ -45,7 +46,7 @@ def run(
     _train(cfg, run_dir, resume)
 
 
-def _train(cfg, run_dir: Path, resume: bool) -> None:
+def _train(cfg: RunConfig, run_dir: Path, resume: bool) -> None:
     from contextlib import nullcontext
 
     from n3cli.presets import to_toml

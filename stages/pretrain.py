@@ -75,52 +75,39 @@ def pretrain(
         prepare_corpus()
     world.barrier()
     manifest, tokenizer = Manifest.load(corpus), Tokenizer.load(corpus)
-    if manifest.vocab_size > cfg.model.vocab_size:
-        raise UserError(
-            f"the corpus tokenizer has {manifest.vocab_size} tokens but the model only {cfg.model.vocab_size}: "
-            f"set model.vocab_size={manifest.vocab_size} or prepare the corpus with --vocab-size {cfg.model.vocab_size}"
-        )
-    if cfg.train.mtp_depths and not cfg.model.mtp_pattern:
-        raise UserError(f"train.mtp_depths = {cfg.train.mtp_depths} but the {cfg.shape} shape has no MTP block "
-                        "(no '/' in model.pattern); set train.mtp_depths=0")
+    _check_fit(cfg, manifest)
     steps = total_steps(cfg)
-    checkpoints = Path(run) / "checkpoints"
-    if not resume and checkpoints.is_dir() and any(checkpoints.iterdir()):
-        raise UserError(f"{run} holds a run already: pass --resume to continue it, or --out DIR to start another")
     if not resume and world.is_main:
-        Path(run).mkdir(parents=True, exist_ok=True)
-    if not resume and world.is_main and preset_toml is not None:
-        for stale in Path(run).glob("*.toml"):  # from a run that died before its first checkpoint
-            stale.unlink()
-        (Path(run) / f"{cfg.name}.toml").write_text(preset_toml + "\n")
+        _start_run_folder(Path(run), cfg, preset_toml)
 
     torch.manual_seed(cfg.train.seed)
     model = build(cfg.model, device=world.device)
     objective = distributed.prepare_model(CausalLMObjective(model, cfg.train.mtp_depths), cfg, world, progress.note)
     optimizer = build_optimizer(objective, cfg.train)
     batches = PackedBatches(corpus, manifest, cfg.train.seq_len, cfg.train.micro_batch_size,
-                            cfg.train.global_batch_size, steps, world.rank, world.size)
+                            cfg.train.global_batch_size, steps, world.rank, world.size, cfg.train.seed)
     start, monitor_state = 0, None
     if resume:
         path = latest_resumable(run)
-        trainer = read_trainer_state(path)
-        if trainer.get("corpus") != manifest.fingerprint:
+        if read_trainer_state(path).get("corpus") != manifest.fingerprint:
             raise UserError(f"cannot resume {run}: its corpus has changed since the run started (rerun it from scratch)")
-        load_checkpoint(path, objective, optimizer, world)
+        trainer = load_checkpoint(path, objective, optimizer, world)
         batches.load_state_dict(trainer["data"])
         start, monitor_state = trainer["step"], trainer.get("monitor")
         progress.note(f"resuming {run} from step {start} ({path.name})")
 
     val = validation_batches(corpus, manifest, cfg.train.seq_len, cfg.train.eval_sequences, cfg.train.micro_batch_size)
-    job = TrainingJob(
-        cfg=cfg, world=world, model=model, objective=objective, optimizer=optimizer, batches=batches,
-        total_steps=steps, run=Path(run), tokenizer=tokenizer, progress=progress,
-        flops_per_token=flops_per_token(cfg.model, cfg.train.seq_len, cfg.train.mtp_depths),
-        peak_flops=peak_flops(world.device, cfg.train.peak_tflops),
-        evaluate=validation(objective, val, cfg, world),
-        trainer_state={"corpus": manifest.fingerprint, "preset": cfg.name, "total_steps": steps},
-    )
-    result = run_loop(job, start, monitor_state) if start < steps else None
+    result = None
+    if start < steps:
+        job = TrainingJob(
+            cfg=cfg, world=world, model=model, objective=objective, optimizer=optimizer, batches=batches,
+            total_steps=steps, run=Path(run), tokenizer=tokenizer, progress=progress,
+            flops_per_token=flops_per_token(cfg.model, cfg.train.seq_len, cfg.train.mtp_depths),
+            peak_flops=peak_flops(world.device, cfg.train.peak_tflops),
+            evaluate=validation(objective, val, cfg, world),
+            trainer_state={"corpus": manifest.fingerprint, "preset": cfg.name, "total_steps": steps},
+        )
+        result = run_loop(job, start, monitor_state)
     world.barrier()
     if not world.is_main:
         return None
@@ -133,6 +120,30 @@ def pretrain(
         checkpoint=checkpoint, prompt=tokenizer.decode(prompt_ids, skip_special=True),
         sample=tokenizer.decode(sample, skip_special=True), parameters=sum(p.numel() for p in final.parameters()),
     )
+
+
+def _check_fit(cfg: RunConfig, manifest: Manifest) -> None:
+    """The corpus' vocabulary fits the model, and the MTP depths asked for exist."""
+    if manifest.vocab_size > cfg.model.vocab_size:
+        raise UserError(
+            f"the corpus tokenizer has {manifest.vocab_size} tokens but the model only {cfg.model.vocab_size}: "
+            f"set model.vocab_size={manifest.vocab_size} or prepare the corpus with --vocab-size {cfg.model.vocab_size}"
+        )
+    if cfg.train.mtp_depths and not cfg.model.mtp_pattern:
+        raise UserError(f"train.mtp_depths = {cfg.train.mtp_depths} but the {cfg.shape} shape has no MTP block "
+                        "(no '/' in model.pattern); set train.mtp_depths=0")
+
+
+def _start_run_folder(run: Path, cfg: RunConfig, preset_toml: str | None) -> None:
+    """A new run goes into a folder without checkpoints; it keeps the resolved preset for --resume."""
+    checkpoints = run / "checkpoints"
+    if checkpoints.is_dir() and any(checkpoints.iterdir()):
+        raise UserError(f"{run} holds a run already: pass --resume to continue it, or --out DIR to start another")
+    run.mkdir(parents=True, exist_ok=True)
+    if preset_toml is not None:
+        for stale in run.glob("*.toml"):  # from a run that died before its first checkpoint
+            stale.unlink()
+        (run / f"{cfg.name}.toml").write_text(preset_toml + "\n")
 
 
 def _prompt(val: list, manifest: Manifest) -> list[int]:

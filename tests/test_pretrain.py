@@ -161,3 +161,14 @@ def test_bad_input_is_a_clear_error(trained, small_corpus, tmp_path, capsys):
 def test_a_finished_run_resumes_to_its_report(trained, capsys):
     status, out, err = cli(capsys, "pretrain", "--resume", "--out", str(trained[0]))
     assert status == 0 and "complete already" in out and "sample" in out
+
+
+def test_low_precision_compute_converts_the_model(small_corpus, tmp_path):
+    """precision.compute = nvfp4 goes through model.lowp's converter (emulated on a CPU) before training."""
+    process = n3_process("pretrain", "--out", str(tmp_path / "fp4"),
+                         *settings(small_corpus, "train.steps=2", "precision.compute=nvfp4", "train.mtp_depths=0"))
+    out, err = process.communicate(timeout=300)
+    assert process.returncode == 0, err
+    assert "low precision (emulated)" in " ".join(err.split()) and "nvfp4" in err
+    losses = [r["loss"] for r in read_metrics(tmp_path / "fp4" / "metrics.jsonl")]
+    assert len(losses) == 2 and all(0 < loss < 20 for loss in losses)

@@ -13,7 +13,7 @@ from kernels import linear_cross_entropy
 from kernels.cross_entropy import IGNORE
 from model.hybrid import build
 from stages.runtime.batches import PackedBatches, validation_batches
-from stages.runtime.corpus import Manifest, read_tokens
+from stages.runtime.corpus import Manifest, read_index, read_tokens
 from stages.runtime.losses import CausalLMObjective, mtp_labels, sequence_aux_loss, update_expert_bias
 from stages.runtime.metrics import Monitor, max_violation
 from stages.runtime.optim import param_groups, wsd_lr
@@ -53,15 +53,24 @@ def test_packing_keeps_losses_inside_documents(small_corpus):
             keep = y != IGNORE
             assert keep.float().mean() > 0.9
             assert torch.equal(x[:, 1:][keep[:, :-1]], y[:, :-1][keep[:, :-1]])  # labels are the next inputs
-    # A source's sequences tile its stream: its n-th sequence starts at n * seq_len.
-    fresh = PackedBatches(small_corpus, m, seq_len=32, micro_batch=4, global_batch=4, total_steps=50)
+    # A source's sequences tile its stream, its documents in an order the seed shuffles: sequence n starts at
+    # n * seq_len of the shuffled stream.
+    fresh = PackedBatches(small_corpus, m, seq_len=32, micro_batch=4, global_batch=4, total_steps=50, seed=7)
     rows = fresh.next_step()[0].input_ids.tolist()
     for source in m.sources:
-        stream = np.asarray(read_tokens(small_corpus, m, source.name, "train"))
+        tokens, index = np.asarray(read_tokens(small_corpus, m, source.name, "train")), read_index(small_corpus,
+                                                                                                   source.name, "train")
+        documents, _ = fresh.orders[source.name]
+        assert sorted(map(tuple, documents.tolist())) == sorted(map(tuple, index.tolist()))  # each document once
+        assert not np.array_equal(documents, index)  # shuffled
+        stream = np.concatenate([tokens[start : start + length] for start, length in documents])
         windows = [stream[i * 32 : (i + 1) * 32].tolist() for i in range(4)]
         mine = [r for r in rows if r in windows]
         assert mine == windows[: len(mine)] and mine
-    assert sum(fresh.taken.values()) == 4
+    same = PackedBatches(small_corpus, m, seq_len=32, micro_batch=4, global_batch=4, total_steps=50, seed=7)
+    other = PackedBatches(small_corpus, m, seq_len=32, micro_batch=4, global_batch=4, total_steps=50, seed=8)
+    assert torch.equal(same.next_step()[0].input_ids, torch.tensor(rows))
+    assert not torch.equal(other.next_step()[0].input_ids, torch.tensor(rows))
 
 
 def test_curriculum_and_rank_split_and_resume(small_corpus):

@@ -13,7 +13,7 @@ import math
 import os
 import sysconfig
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -39,10 +39,7 @@ class CorpusOptions:
     """An existing tokenizer.json, or a folder holding one, instead of training a BPE."""
     val_fraction: float = 0.01
     """Share of each source's documents held out for validation (at least one where a source has two)."""
-    blend: BlendOptions = None  # type: ignore[assignment]
-
-    def __post_init__(self) -> None:
-        self.blend = self.blend or BlendOptions()
+    blend: BlendOptions = field(default_factory=BlendOptions)
 
 
 @dataclass

@@ -19,8 +19,9 @@ from model.errors import UserError
 BUILTIN = "builtin"
 """The source argument that names the built-in corpus."""
 BUILTIN_NAMES = ("python-code", "python-docs")
-TEST_FOLDERS = {"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__"}
-"""Skipped inside the standard library: test suites (fixtures, not code people write) and installed packages."""
+LEFT_OUT = {"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__", "encodings", "pydoc_data"}
+"""Folders of the standard library left out of python-code: test suites (fixtures, not code people write), installed
+packages, the generated character-map tables of `encodings`, and pydoc's topics (prose: they are python-docs)."""
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
@@ -108,7 +109,7 @@ def builtin_sources() -> list[Source]:
     """The standard library's code and documentation, as shipped with this interpreter."""
     stdlib = Path(sysconfig.get_paths()["stdlib"])
     code = sorted(
-        p for p in stdlib.rglob("*.py") if not TEST_FOLDERS.intersection(p.relative_to(stdlib).parts[:-1])
+        p for p in stdlib.rglob("*.py") if not LEFT_OUT.intersection(p.relative_to(stdlib).parts[:-1])
     )
     if not code:
         raise UserError(f"the built-in corpus needs the standard library's .py files, and {stdlib} has none")

@@ -1,10 +1,11 @@
 """Packed training batches from a prepared corpus, following its blend and two-phase curriculum, and resumable.
 
-Packing: each source's training split is one stream of documents (bos, tokens, eos). A sequence is the next
-seq_len + 1 tokens of a source's stream (inputs = the first seq_len, labels = the last seq_len); the next sequence
-from that source starts seq_len tokens later, so every token is predicted once per epoch; streams wrap around.
-Documents share sequences; the label after an eos (the next document's start) is ignored, so no loss crosses a
-document boundary.
+Packing: each source's training documents (bos, tokens, eos), in an order shuffled once by the run's seed, form one
+stream. A sequence is the next seq_len + 1 tokens of a source's stream (inputs = the first seq_len, labels = the last
+seq_len); the next sequence from that source starts seq_len tokens later, so every token is predicted once per epoch;
+streams wrap around. Documents share sequences; the label after an eos (the next document's start) is ignored, so no
+loss crosses a document boundary. (The shuffle matters: shards keep the sources' file order, where similar files sit
+together.)
 
 Blend: sequence g of the run comes from the source the smooth weighted round-robin picks among the phase's weights
 (deterministic: no random state to save), in phase 1 until switch_at of the run's sequences, then phase 2.
@@ -23,7 +24,7 @@ import numpy as np
 import torch
 
 from kernels.cross_entropy import IGNORE
-from stages.runtime.corpus import Manifest, read_tokens
+from stages.runtime.corpus import Manifest, read_index, read_tokens
 
 
 @dataclass
@@ -45,13 +46,19 @@ def pack(window: np.ndarray, eos_id: int) -> tuple[np.ndarray, np.ndarray]:
 class PackedBatches:
     def __init__(
         self, directory: Path, manifest: Manifest, seq_len: int, micro_batch: int, global_batch: int,
-        total_steps: int, rank: int = 0, world: int = 1,
+        total_steps: int, rank: int = 0, world: int = 1, seed: int = 0,
     ):
         self.manifest = manifest
         self.seq_len, self.micro, self.global_batch = seq_len, micro_batch, global_batch
         self.rank, self.world = rank, world
         self.total_sequences = total_steps * global_batch
         self.streams = {s.name: read_tokens(directory, manifest, s.name, "train") for s in manifest.sources}
+        self.orders = {}
+        """Per source: its documents' (start, length) in the shard, in stream order, and where each ends in the stream."""
+        for i, source in enumerate(manifest.sources):
+            documents = read_index(directory, source.name, "train")
+            documents = documents[np.random.default_rng([seed, i]).permutation(len(documents))]
+            self.orders[source.name] = (documents, np.cumsum(documents[:, 1]))
         self.sequence = 0
         """Sequences of the run drawn so far (all ranks)."""
         self.taken = {name: 0 for name in self.streams}
@@ -104,9 +111,12 @@ class PackedBatches:
         return source
 
     def _window(self, source: str) -> np.ndarray:
-        stream = self.streams[source]
-        start = self.taken[source] * self.seq_len % len(stream)
-        return stream.take(np.arange(start, start + self.seq_len + 1), mode="wrap")
+        documents, ends = self.orders[source]
+        start = self.taken[source] * self.seq_len
+        positions = np.arange(start, start + self.seq_len + 1) % ends[-1]
+        which = np.searchsorted(ends, positions, side="right")
+        offsets = positions - (ends[which] - documents[which, 1])
+        return self.streams[source][documents[which, 0] + offsets]
 
 
 def validation_batches(

@@ -68,18 +68,19 @@ class LoopResult:
 
 
 def run_loop(job: TrainingJob, start_step: int = 0, monitor_state: dict | None = None) -> LoopResult:
-    cfg, train, world = job.cfg, job.cfg.train, job.world
-    main_moes, mtp_moes = moe_layers(job.model)
-    moes = main_moes + mtp_moes
-    moe_names = [f"{i}" for i, kind in enumerate(job.model.config.main_pattern) if kind == "E"]
-    moe_names += [f"mtp.{j}" for j, kind in enumerate(job.model.config.mtp_pattern) if kind == "E"]
-    depths = train.mtp_depths
-    head_scales = [1.0] + [train.mtp_loss_scale / depths] * depths
+    """Train from optimizer step `start_step` to job.total_steps; evaluate and checkpoint at the preset's intervals
+    and at the end. Every rank calls it."""
+    train, world = job.cfg.train, job.world
+    moes = [moe for group in moe_layers(job.model) for moe in group]
+    config = job.model.config
+    moe_names = [f"{i}" for i, kind in enumerate(config.main_pattern) if kind == "E"]
+    moe_names += [f"mtp.{j}" for j, kind in enumerate(config.mtp_pattern) if kind == "E"]
+    head_scales = [1.0] + [train.mtp_loss_scale / train.mtp_depths] * train.mtp_depths if train.mtp_depths else [1.0]
     tokens_per_step = train.global_batch_size * train.seq_len
     monitor = Monitor(train.maxvio_warn, train.residual_jump_warn, settle_steps=max(train.warmup_steps, 50))
     if monitor_state:
         monitor.load_state_dict(monitor_state)
-    log = MetricsLog(job.run / "metrics.jsonl", resume_step=start_step if start_step else None) if world.is_main else None
+    log = MetricsLog(job.run / "metrics.jsonl", resume_step=start_step or None) if world.is_main else None
     params = [p for p in job.objective.parameters() if p.requires_grad]
 
     job.progress.start("training", total=job.total_steps, completed=start_step)
@@ -90,43 +91,18 @@ def run_loop(job: TrainingJob, start_step: int = 0, monitor_state: dict | None =
         tick = time.perf_counter()
         lr = wsd_lr(step, job.total_steps, train)
         set_lr(job.optimizer, lr)
-        micro_batches = job.batches.next_step()
-        counts = torch.stack([head_token_counts(mb.labels, depths) for mb in micro_batches]).sum(0)
-        counts = world.all_reduce(counts.to(world.device)).clamp(min=1).tolist()
-        weights = [world.size * s / n for s, n in zip(head_scales, counts)]
-        weights.append(train.aux_loss_coeff / len(micro_batches))
-
-        sums = torch.zeros(len(head_scales) + 1, device=world.device)  # head losses, then the aux loss
-        load = rms = None
-        for i, mb in enumerate(micro_batches):
-            with distributed.gradient_sync(job.objective, sync=i == len(micro_batches) - 1):
-                with distributed.autocast(cfg, world):
-                    out = job.objective(mb.input_ids.to(world.device), mb.labels.to(world.device), weights)
-                out["loss"].backward()
-            sums += torch.cat([out["head_sums"], out["aux"][None]])
-            load = out["expert_load"] if load is None else load + out["expert_load"]
-            rms = out["residual_rms"] if rms is None else rms + out["residual_rms"]
-        distributed.reduce_output_gradients(job.objective, world)
-        stats = world.all_reduce(torch.cat([sums, load.flatten(), rms]))
-        sums, load, rms = stats[: len(sums)], stats[len(sums) : len(sums) + load.numel()].view_as(load), stats[-len(rms) :]
-        rms /= len(micro_batches) * world.size
-
+        head_losses, aux, load, rms = _accumulate_gradients(job, head_scales)
         grad_norm = torch.nn.utils.clip_grad_norm_(params, train.grad_clip or math.inf)
         job.optimizer.step()
         job.optimizer.zero_grad(set_to_none=True)
         for moe, layer_load in zip(moes, load):
             update_expert_bias(moe, layer_load, train.bias_update_rate)
 
-        done = step + 1
-        seconds = time.perf_counter() - tick
-        head_losses = [s / n for s, n in zip(sums[:-1].tolist(), counts)]
-        aux = sums[-1].item() / (len(micro_batches) * world.size)
-        maxvio = max_violation(load).tolist() if len(moes) else []
-        throughput = tokens_per_step / seconds
+        done, throughput = step + 1, tokens_per_step / (time.perf_counter() - tick)
+        maxvio = max_violation(load).tolist() if moes else []
         record = {
             "step": done,
-            "loss": head_losses[0] + sum(s * l for s, l in zip(head_scales[1:], head_losses[1:]))
-            + train.aux_loss_coeff * aux,
+            "loss": sum(s * loss for s, loss in zip(head_scales, head_losses)) + train.aux_loss_coeff * aux,
             "ce": head_losses[0],
             "mtp": head_losses[1:],
             "aux": aux,
@@ -141,8 +117,7 @@ def run_loop(job: TrainingJob, start_step: int = 0, monitor_state: dict | None =
         }
         step_warnings = monitor.check(done, maxvio, record["residual_rms"], moe_names)
         if done % train.eval_interval == 0 or done == job.total_steps:
-            val_loss = job.evaluate() if job.evaluate else None
-            record["val_loss"] = val_loss
+            val_loss = record["val_loss"] = job.evaluate() if job.evaluate else None
         if step_warnings:
             record["warnings"] = step_warnings
             warnings += step_warnings
@@ -155,9 +130,36 @@ def run_loop(job: TrainingJob, start_step: int = 0, monitor_state: dict | None =
             trainer = job.trainer_state | {"data": job.batches.state_dict(), "monitor": monitor.state_dict()}
             checkpoint = save_checkpoint(job.run, done, job.objective, job.optimizer, trainer, job.tokenizer, world,
                                          keep=train.keep_checkpoints)
-    seconds = time.perf_counter() - started
     steps = job.total_steps - start_step
-    return LoopResult(steps, steps * tokens_per_step, seconds, record, val_loss, checkpoint, warnings)
+    return LoopResult(steps, steps * tokens_per_step, time.perf_counter() - started, record, val_loss, checkpoint,
+                      warnings)
+
+
+def _accumulate_gradients(job: TrainingJob, head_scales: list[float]):
+    """Forward and backward over this rank's micro-batches of the next step. Returns, over the global batch: each
+    head's mean loss, the mean aux loss, the expert load per MoE layer and the mean residual RMS per layer."""
+    train, world = job.cfg.train, job.world
+    micro_batches = job.batches.next_step()
+    depths = len(head_scales) - 1
+    counts = torch.stack([head_token_counts(mb.labels, depths) for mb in micro_batches]).sum(0)
+    counts = world.all_reduce(counts.to(world.device)).clamp(min=1).tolist()
+    # Wrappers average gradients over ranks: multiply by the world to keep sum(loss) / global count.
+    weights = [world.size * scale / n for scale, n in zip(head_scales, counts)]
+    weights.append(train.aux_loss_coeff / len(micro_batches))
+    sums, load, rms = torch.zeros(len(head_scales) + 1, device=world.device), 0, 0
+    for i, mb in enumerate(micro_batches):
+        with distributed.gradient_sync(job.objective, sync=i == len(micro_batches) - 1):
+            with distributed.autocast(job.cfg, world):
+                out = job.objective(mb.input_ids.to(world.device), mb.labels.to(world.device), weights)
+            out["loss"].backward()
+        sums += torch.cat([out["head_sums"], out["aux"][None]])
+        load, rms = load + out["expert_load"], rms + out["residual_rms"]
+    distributed.reduce_output_gradients(job.objective, world)
+    stats = world.all_reduce(torch.cat([sums, load.flatten(), rms]))
+    sums, load, rms = stats[: len(sums)], stats[len(sums) : len(sums) + load.numel()].view_as(load), stats[-len(rms) :]
+    micro_total = len(micro_batches) * world.size
+    head_losses = [total / n for total, n in zip(sums[:-1].tolist(), counts)]
+    return head_losses, sums[-1].item() / micro_total, load, rms / micro_total
 
 
 def _full(tensor: torch.Tensor) -> torch.Tensor:

@@ -32,6 +32,11 @@ def mtp_labels(labels: torch.Tensor, depth: int) -> torch.Tensor:
     return torch.where(valid, torch.roll(labels, -depth, dims=1), IGNORE)
 
 
+def head_token_counts(labels: torch.Tensor, depths: int) -> torch.Tensor:
+    """Labels that take a loss, per head (1 + depths,): what each head's summed loss is divided by."""
+    return torch.stack([(mtp_labels(labels, k) != IGNORE).sum() for k in range(depths + 1)]).float()
+
+
 def sequence_aux_loss(scores: torch.Tensor, chosen: torch.Tensor, sequences: int) -> torch.Tensor:
     """scores (tokens, E) fp32 and chosen (tokens, K) of `sequences` equal-length sequences -> mean over sequences."""
     tokens, experts = scores.shape
@@ -95,14 +100,14 @@ class CausalLMObjective(nn.Module):
             return {"head_sums": losses.sum()[None]}
 
         hidden, targets = [h], [labels]
-        aux = _aux_terms(self.main_moes, input_ids.shape[0])
+        aux = _aux_terms(self.main_moes, input_ids.shape[0], h.device)
         loads = [expert_load(moe.last_routing[1], moe.gate.weight.shape[0]) for moe in self.main_moes]
         mtp_loads = [0.0] * len(self.mtp_moes)
         depths = model.mtp_unroll(h, input_ids, self.mtp_depths) if self.mtp_depths else []
         for k, hk in enumerate(depths, 1):
             hidden.append(hk)
             targets.append(mtp_labels(labels, k))
-            aux = aux + _aux_terms(self.mtp_moes, input_ids.shape[0])
+            aux = aux + _aux_terms(self.mtp_moes, input_ids.shape[0], h.device)
             mtp_loads = [total + expert_load(moe.last_routing[1], moe.gate.weight.shape[0])
                          for total, moe in zip(mtp_loads, self.mtp_moes)]
         rows = labels.numel()
@@ -121,18 +126,10 @@ class CausalLMObjective(nn.Module):
         }
 
 
-def _aux_terms(moes: list[LatentMoE], sequences: int) -> torch.Tensor:
-    total = torch.zeros(())
-    for moe in moes:
-        scores, chosen = moe.last_routing
-        total = total.to(scores.device) + sequence_aux_loss(scores, chosen, sequences)
-    return total
+def _aux_terms(moes: list[LatentMoE], sequences: int, device: torch.device) -> torch.Tensor:
+    """The sequence-level aux losses of the last forward of `moes`, summed over layers."""
+    return sum((sequence_aux_loss(*moe.last_routing, sequences) for moe in moes), torch.zeros((), device=device))
 
 
 def _ones(labels: torch.Tensor) -> torch.Tensor:
     return torch.ones(labels.numel(), device=labels.device)
-
-
-def head_token_counts(labels: torch.Tensor, depths: int) -> torch.Tensor:
-    """Labels that take a loss, per head (1 + depths,)."""
-    return torch.stack([(mtp_labels(labels, k) != IGNORE).sum() for k in range(depths + 1)]).float()
