@@ -83,6 +83,8 @@ def test_rerun_does_no_work_and_reblends_without_reencoding(tmp_path):
     (tmp_path / "src" / "code0000.txt").write_text("changed\n")
     assert prepare(sources(), out, CorpusOptions(vocab_size=300)).work == "built"
     assert prepare(sources(), out, CorpusOptions(vocab_size=310)).work == "built"
+    (out / "manifest.json").write_text("{damaged")
+    assert prepare(sources(), out, CorpusOptions(vocab_size=310)).work == "built"
 
 
 def test_existing_tokenizer(tmp_path, tokenizer):

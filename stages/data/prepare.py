@@ -89,7 +89,7 @@ def prepare(sources: list[Source], out: Path, options: CorpusOptions, progress: 
         previous.switch_at, previous.blend_fingerprint = options.blend.switch_at, blend_fingerprint
         previous.save(out)
         return Prepared(out, previous, "reblended")
-    if out.exists() and previous is None and any(out.iterdir()):
+    if out.exists() and not (out / MANIFEST).exists() and any(out.iterdir()):  # a damaged corpus is rebuilt
         raise UserError(f"{out} exists and is not a prepared corpus; choose an empty or new folder with --out")
 
     with atomic_directory(out) as tmp:
