@@ -100,7 +100,7 @@ def pretrain(
     result = None
     if start < steps:
         job = TrainingJob(
-            cfg=cfg, world=world, model=model, objective=objective, optimizer=optimizer, batches=batches,
+            cfg=cfg, world=world, objective=objective, optimizer=optimizer, batches=batches,
             total_steps=steps, run=Path(run), tokenizer=tokenizer, progress=progress,
             flops_per_token=flops_per_token(cfg.model, cfg.train.seq_len, cfg.train.mtp_depths),
             peak_flops=peak_flops(world.device, cfg.train.peak_tflops),

@@ -1,9 +1,9 @@
 """The training loop every training stage runs: micro-batches with gradient accumulation, exact global-batch loss
 normalisation, clipping, AdamW with the WSD schedule, the expert-bias update, metrics, evaluation, checkpoints.
 
-A stage supplies a `TrainingJob`: the model, its objective (a module whose forward returns the loss, see
+A stage supplies a `TrainingJob`: the objective (a module whose forward returns the loss and its statistics, see
 losses.CausalLMObjective) prepared by distributed.prepare_model, the optimizer, and a source of batches with
-`next_step()` (this rank's micro-batches), `state_dict()` and `load_state_dict()`.
+`next_step()` (this rank's micro-batches), `phase()`, `state_dict()` and `load_state_dict()`.
 
 Loss normalisation: each head's summed token losses are divided by that head's valid-label count over the whole global
 batch (all micro-batches, all ranks), so one process with accumulation and N processes compute the same loss and
@@ -22,13 +22,12 @@ import torch
 from torch import nn
 
 from kernels.cross_entropy import IGNORE
-from model.hybrid import NemotronH
 from model.tokenizer import Tokenizer
 from presets.schema import RunConfig
 from stages.runtime import distributed
 from stages.runtime.checkpointing import save_checkpoint
 from stages.runtime.distributed import World
-from stages.runtime.losses import head_token_counts, moe_layers, update_expert_bias
+from stages.runtime.losses import head_token_counts, update_expert_bias
 from stages.runtime.metrics import MetricsLog, Monitor, max_violation
 from stages.runtime.optim import set_lr, wsd_lr
 from stages.runtime.progress import Progress
@@ -38,9 +37,8 @@ from stages.runtime.progress import Progress
 class TrainingJob:
     cfg: RunConfig
     world: World
-    model: NemotronH
-    """The bare model inside `objective` (MoE layers and residual norms are read from it)."""
     objective: nn.Module
+    """A losses.CausalLMObjective (or one with its forward contract), prepared by distributed.prepare_model."""
     optimizer: torch.optim.Optimizer
     batches: object
     total_steps: int
@@ -71,10 +69,8 @@ def run_loop(job: TrainingJob, start_step: int = 0, monitor_state: dict | None =
     """Train from optimizer step `start_step` to job.total_steps; evaluate and checkpoint at the preset's intervals
     and at the end. Every rank calls it."""
     train, world = job.cfg.train, job.world
-    moes = [moe for group in moe_layers(job.model) for moe in group]
-    config = job.model.config
-    moe_names = [f"{i}" for i, kind in enumerate(config.main_pattern) if kind == "E"]
-    moe_names += [f"mtp.{j}" for j, kind in enumerate(config.mtp_pattern) if kind == "E"]
+    objective = distributed.unwrap(job.objective)
+    moes, moe_names = objective.main_moes + objective.mtp_moes, objective.moe_names
     head_scales = [1.0] + [train.mtp_loss_scale / train.mtp_depths] * train.mtp_depths if train.mtp_depths else [1.0]
     tokens_per_step = train.global_batch_size * train.seq_len
     monitor = Monitor(train.maxvio_warn, train.residual_jump_warn, settle_steps=max(train.warmup_steps, 50))

@@ -84,7 +84,13 @@ class CausalLMObjective(nn.Module):
             raise ValueError("mtp_depths > 0 but the model has no MTP block")
         self.model = model
         self.mtp_depths = mtp_depths
-        self.main_moes, self.mtp_moes = moe_layers(model)
+        self.main_moes, mtp_moes = moe_layers(model)
+        self.mtp_moes = mtp_moes if mtp_depths else []
+        """The MoE layers whose expert load forward reports, in its order: the main stack's, then the MTP block's
+        (summed over depths) when MTP trains."""
+        config = model.config
+        self.moe_names = [f"{i}" for i, kind in enumerate(config.main_pattern) if kind == "E"]
+        self.moe_names += [f"mtp.{j}" for j, kind in enumerate(config.mtp_pattern) if kind == "E" and mtp_depths]
 
     @property
     def heads(self) -> int:
