@@ -57,20 +57,17 @@ def _train(cfg: RunConfig, run_dir: Path, resume: bool) -> None:
     from stages.pretrain import pretrain
     from stages.runtime import distributed
 
-    main = os.environ.get("RANK", "0") == "0"
-    progress = RichProgress() if main else None
-    prepare_corpus = None
-    if cfg.data.path:
-        corpus = Path(cfg.data.path)
-    else:
-        corpus = default_corpus_dir(cfg.model.vocab_size)
-        prepare_corpus = lambda: prepare(  # noqa: E731
-            parse_sources([]), corpus, CorpusOptions(vocab_size=cfg.model.vocab_size), progress
-        )
+    progress = RichProgress() if os.environ.get("RANK", "0") == "0" else None
+    corpus = Path(cfg.data.path) if cfg.data.path else default_corpus_dir(cfg.model.vocab_size)
+
+    def prepare_builtin_corpus() -> None:
+        prepare(parse_sources([]), corpus, CorpusOptions(vocab_size=cfg.model.vocab_size), progress)
+
     try:
         with progress or nullcontext():
             result = pretrain(
-                cfg, corpus, run_dir, resume=resume, progress=progress, prepare_corpus=prepare_corpus,
+                cfg, corpus, run_dir, resume=resume, progress=progress,
+                prepare_corpus=None if cfg.data.path else prepare_builtin_corpus,
                 preset_toml=to_toml(as_dict(cfg)),
             )
     finally:

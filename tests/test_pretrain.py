@@ -16,6 +16,7 @@ import torch
 
 import model as n3
 from n3cli.main import main
+from stages.runtime.corpus import Manifest
 from stages.runtime.metrics import read_metrics
 
 N3 = Path(sys.executable).parent / "n3"
@@ -172,3 +173,16 @@ def test_low_precision_compute_converts_the_model(small_corpus, tmp_path):
     assert "low precision (emulated)" in " ".join(err.split()) and "nvfp4" in err
     losses = [r["loss"] for r in read_metrics(tmp_path / "fp4" / "metrics.jsonl")]
     assert len(losses) == 2 and all(0 < loss < 20 for loss in losses)
+
+
+def test_without_a_corpus_it_prepares_the_builtin_one(tmp_path):
+    """The default job's path: no data.path, so the built-in corpus is prepared into the cache first."""
+    args = [arg for item in [*FAST, "train.steps=1", "train.eval_sequences=2"] for arg in ("--set", item)]
+    env = environment() | {"N3_CACHE": str(tmp_path / "cache")}
+    process = subprocess.run([str(N3), "pretrain", "--out", str(tmp_path / "run"), *args],
+                             capture_output=True, text=True, env=env, timeout=300)
+    assert process.returncode == 0, process.stderr
+    corpora = list((tmp_path / "cache" / "corpus").iterdir())
+    assert [c.name.endswith("-v320") for c in corpora] == [True]
+    assert {s.name for s in Manifest.load(corpora[0]).sources} == {"python-code", "python-docs"}
+    assert "validation loss" in process.stdout

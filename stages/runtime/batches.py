@@ -95,7 +95,7 @@ class PackedBatches:
         pairs = [pack(w, self.manifest.eos_id) for w in windows]
         inputs = torch.from_numpy(np.stack([p[0] for p in pairs]))
         labels = torch.from_numpy(np.stack([p[1] for p in pairs]))
-        return [MicroBatch(i, l) for i, l in zip(inputs.split(self.micro), labels.split(self.micro))]
+        return [MicroBatch(x, y) for x, y in zip(inputs.split(self.micro), labels.split(self.micro))]
 
     def _choose(self) -> str:
         phase_index = 0 if self.sequence < self.manifest.switch_at * self.total_sequences else 1
@@ -138,4 +138,4 @@ def validation_batches(
         inputs.append(np.pad(x, (0, pad), constant_values=manifest.pad_id))
         labels.append(np.pad(y, (0, pad), constant_values=IGNORE))
     x, y = torch.from_numpy(np.stack(inputs)), torch.from_numpy(np.stack(labels))
-    return [MicroBatch(i, l) for i, l in zip(x.split(micro_batch), y.split(micro_batch))]
+    return [MicroBatch(a, b) for a, b in zip(x.split(micro_batch), y.split(micro_batch))]
