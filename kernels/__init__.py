@@ -12,6 +12,8 @@ _EXPORTS = {
     "configure": "kernels.backends",
     "fp8_quantize": "kernels.fp8",
     "group_by_expert": "kernels.moe",
+    "linear_cross_entropy": "kernels.cross_entropy",
+    "permute_rows": "kernels.moe",
     "grouped_mm": "kernels.moe",
     "mxfp8_quantize": "kernels.fp8",
     "nvfp4_fake_quantize": "kernels.nvfp4",

@@ -30,7 +30,8 @@ def ssd_chunk_scan(
     """
     if fast_path("ssd", x.is_cuda) == "mamba_ssm":
         return _mamba_ssm_chunk_scan(x, dt, A, B, C, D, chunk_size, initial_state)
-    return ssd_chunk_scan_reference(x, dt, A, B, C, D, chunk_size, initial_state)
+    with torch.autocast(x.device.type, enabled=False):  # the reference promises fp32 math; autocast would use bf16
+        return ssd_chunk_scan_reference(x, dt, A, B, C, D, chunk_size, initial_state)
 
 
 def ssd_chunk_scan_reference(x, dt, A, B, C, D, chunk_size, initial_state=None):
@@ -48,20 +49,20 @@ def ssd_chunk_scan_reference(x, dt, A, B, C, D, chunk_size, initial_state=None):
         x, B, C = (F.pad(v, (0, 0, 0, 0, 0, pad)) for v in (x, B, C))
         dt = F.pad(dt, (0, 0, 0, pad))
     c = (t + pad) // L
-    X = (x * dt[..., None]).view(b, c, L, g, r, p)
+    # (b, c, g, ...) leading, so every per-chunk product is one batched matmul over contiguous operands.
+    X = (x * dt[..., None]).view(b, c, L, g, r, p).permute(0, 1, 3, 4, 2, 5)  # (b, c, g, r, l, p)
     Adt = (dt * A).view(b, c, L, g, r).permute(0, 1, 3, 4, 2)  # (b, c, g, r, l)
-    Bc = B.view(b, c, L, g, n)
-    Cc = C.view(b, c, L, g, n)
+    Bc = B.view(b, c, L, g, n).transpose(2, 3)  # (b, c, g, l, n)
+    Cc = C.view(b, c, L, g, n).transpose(2, 3)
     A_cum = Adt.cumsum(-1)
 
     # Within a chunk: a masked, attention-like quadratic form.
-    decay = torch.exp(_segment_sum(Adt))  # (b, c, g, r, l, s)
-    scores = torch.einsum("bclgn,bcsgn->bcgls", Cc, Bc)
-    y = torch.einsum("bcgrls,bcsgrp->bclgrp", scores[:, :, :, None] * decay, X)
+    scores = Cc @ Bc.transpose(-1, -2)  # (b, c, g, l, s)
+    y = _DecayedScores.apply(Adt, scores) @ X  # (b, c, g, r, l, p)
 
     # Each chunk's own contribution to the state at its end.
     to_end = torch.exp(A_cum[..., -1:] - A_cum)  # (b, c, g, r, l)
-    chunk_states = torch.einsum("bclgn,bcgrl,bclgrp->bcgrpn", Bc, to_end, X)
+    chunk_states = (X * to_end[..., None]).transpose(-1, -2) @ Bc[:, :, :, None]  # (b, c, g, r, p, n)
 
     # Across chunks: pass the state along, one step per chunk.
     state = (
@@ -77,21 +78,41 @@ def ssd_chunk_scan_reference(x, dt, A, B, C, D, chunk_size, initial_state=None):
     start_states = torch.stack(starts, dim=1)  # (b, c, g, r, p, n)
 
     # What the state at the chunk start contributes to each position in the chunk.
-    y = y + torch.einsum("bclgn,bcgrpn,bcgrl->bclgrp", Cc, start_states, torch.exp(A_cum))
-    y = y.reshape(b, c * L, h, p)[:, :t]
+    y = y + (Cc[:, :, :, None] @ start_states.transpose(-1, -2)) * torch.exp(A_cum)[..., None]
+    y = y.permute(0, 1, 4, 2, 3, 5).reshape(b, c * L, h, p)[:, :t]
     if D is not None:
         y = y + D.to(f)[:, None] * xs
     return y, state.reshape(b, h, p, n)
 
 
-def _segment_sum(a: torch.Tensor) -> torch.Tensor:
-    """out[..., i, j] = a[j+1] + ... + a[i] for j <= i, -inf above the diagonal; summed directly for fp32 accuracy."""
-    L = a.size(-1)
-    expanded = a[..., None].expand(*a.shape, L)  # [..., k, j] = a[k]
-    below = torch.tril(torch.ones(L, L, dtype=torch.bool, device=a.device), diagonal=-1)
-    sums = expanded.masked_fill(~below, 0).cumsum(dim=-2)
-    keep = torch.tril(torch.ones(L, L, dtype=torch.bool, device=a.device))
-    return sums.masked_fill(~keep, float("-inf"))
+class _DecayedScores(torch.autograd.Function):
+    """scores (b, c, g, l, s) weighted by each head's decay from s to l within the chunk:
+    out[..., r, l, s] = scores[..., l, s] * exp(Adt[r, s+1] + ... + Adt[r, l]) for s <= l, else 0.
+
+    The segment sums are differences of float64 cumulative sums: as accurate as summing each segment (a difference
+    of fp32 cumulative sums is not, once the sums grow large). Written out forward and backward, it makes a few
+    passes over the (l, s) products where autograd through the elementary ops makes three times as many."""
+
+    @staticmethod
+    def forward(ctx, Adt, scores):
+        L = Adt.shape[-1]
+        total = Adt.to(torch.promote_types(Adt.dtype, torch.float64)).cumsum(-1)
+        decay = (total[..., :, None] - total[..., None, :]).to(Adt.dtype)
+        above = torch.ones(L, L, dtype=torch.bool, device=Adt.device).triu_(1)
+        decay.masked_fill_(above, float("-inf")).exp_()
+        out = decay * scores[:, :, :, None]
+        ctx.save_for_backward(decay, scores, out)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        decay, scores, out = ctx.saved_tensors
+        grad_scores = (grad * decay).sum(3)
+        # d out[l, s] / d (segment sum) = out[l, s]; the segment sum is total[l] - total[s].
+        g = grad * out
+        grad_total = g.sum(-1) - g.sum(-2)
+        grad_Adt = grad_total.flip(-1).cumsum(-1).flip(-1)  # total[l] sums Adt[0..l]
+        return grad_Adt, grad_scores
 
 
 def ssd_step(

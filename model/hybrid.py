@@ -4,6 +4,7 @@ plus the MTP head. Module names mirror transformers' NemotronH, so state-dict ke
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 
 import torch
 from torch import nn
@@ -42,11 +43,16 @@ class Backbone(nn.Module):
         self.embeddings = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(Block(cfg, kind) for kind in cfg.main_pattern)
         self.norm_f = RMSNorm(cfg.hidden_size, cfg.norm_eps)
+        self.residual_rms: list[torch.Tensor] | None = None
+        """Set to a list to have every forward append each sublayer's output RMS (detached fp32 scalars): the
+        per-layer residual norms training watches, since early-layer spikes preceded divergence."""
 
     def forward(self, input_ids: torch.Tensor, cache=None) -> torch.Tensor:
         h = self.embeddings(input_ids)
         for i, layer in enumerate(self.layers):
             h = layer(h, None if cache is None else cache.layers[i])
+            if self.residual_rms is not None:
+                self.residual_rms.append(torch.linalg.vector_norm(h.detach(), dtype=torch.float32) / h.numel() ** 0.5)
         return self.norm_f(h)
 
 
@@ -107,13 +113,15 @@ class NemotronH(nn.Module):
     def mtp_hidden(self, h: torch.Tensor, input_ids: torch.Tensor, depths: int) -> list[torch.Tensor]:
         """Teacher-forced MTP unroll for training: depth k at position i sees emb(t_{i+k}) and predicts t_{i+k+1}.
         The last k positions of depth k see wrapped-around tokens; their labels must be masked."""
+        return list(self.mtp_unroll(h, input_ids, depths))
+
+    def mtp_unroll(self, h: torch.Tensor, input_ids: torch.Tensor, depths: int) -> Iterator[torch.Tensor]:
+        """`mtp_hidden` one depth at a time, so a caller can read per-depth state (MoE routing) between depths."""
         if self.mtp is None:
             raise ValueError("this model has no MTP head (its pattern has no '/')")
-        out = []
         for k in range(1, depths + 1):
             h = self.mtp(h, self.model.embeddings(torch.roll(input_ids, -k, dims=1)))
-            out.append(h)
-        return out
+            yield h
 
     @torch.no_grad()
     def init_weights(self) -> None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from kernels import group_by_expert, grouped_mm
+from kernels import group_by_expert, grouped_mm, permute_rows
 from model.config import ModelConfig
 from model.mlp import MLP, relu2
 
@@ -29,7 +29,8 @@ class Router(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x (tokens, d) -> scores (tokens, E) fp32, chosen expert ids (tokens, k), their weights (tokens, k) fp32."""
-        scores = torch.sigmoid(x.float() @ self.weight.float().T)
+        with torch.autocast(x.device.type, enabled=False):  # autocast would run this matmul in bf16
+            scores = torch.sigmoid(x.float() @ self.weight.float().T)
         chosen = torch.topk(scores + self.e_score_correction_bias, self.top_k, dim=-1, sorted=False).indices
         weights = scores.gather(1, chosen)
         if self.renormalise:
@@ -58,12 +59,12 @@ class Experts(nn.Module):
             h = relu2(self.up_proj[chosen] @ x[:, None, :, None])  # (tokens, k, m, 1)
             out = (self.down_proj[chosen] @ h).squeeze(-1).float()  # (tokens, k, l)
             return (out * weights[..., None]).sum(1).to(x.dtype)
-        k = chosen.shape[1]
-        order, counts = group_by_expert(chosen, self.num_experts)
-        token = order // k
-        h = relu2(self.matmul(x[token], self.up_proj, counts))
-        out = self.matmul(h, self.down_proj, counts).float() * weights.reshape(-1)[order, None]
-        return torch.zeros(x.shape[0], out.shape[1], device=x.device).index_add_(0, token, out).to(x.dtype)
+        tokens, k = chosen.shape
+        order, inverse, counts = group_by_expert(chosen, self.num_experts)
+        copies = x[:, None].expand(tokens, k, x.shape[1]).reshape(tokens * k, -1)  # row token * k + slot
+        h = relu2(self.matmul(permute_rows(copies, order, inverse), self.up_proj, counts))
+        out = permute_rows(self.matmul(h, self.down_proj, counts), inverse, order).view(tokens, k, -1)
+        return (out.float() * weights[..., None]).sum(1).to(x.dtype)
 
     def matmul(self, rows: torch.Tensor, weight: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """The expert GEMM (see kernels.grouped_mm); low-precision subclasses (model.lowp, n3 quantize) override it."""

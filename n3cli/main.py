@@ -16,13 +16,14 @@ from typing import Annotated
 import typer
 
 from model.errors import UserError
-from n3cli import __version__, presets, pretrain, quantize, serve
+from n3cli import __version__, data, presets, pretrain, quantize, serve
 from n3cli.options import Debug
 
 # Subcommand -> a plain function (one command) or a Typer app (a group such as `presets`). A new subcommand is a
 # module in n3cli/ plus one line here. Command modules import their stage inside the function, so `n3 --help` and
 # `n3 presets` stay fast.
 COMMANDS: dict[str, Callable | typer.Typer] = {
+    "data": data.run,
     "presets": presets.app,
     "pretrain": pretrain.run,
     "quantize": quantize.run,

@@ -1,12 +1,33 @@
-"""`n3 pretrain`: train a model from scratch on a prepared corpus (REFERENCE.md section 2)."""
+"""`n3 pretrain`: train a model from scratch on a prepared corpus (REFERENCE.md section 2).
+
+With no arguments: the `cpu` preset (the tiny shape) on the built-in corpus, prepared on first use, into runs/cpu/.
+Under torchrun every rank runs this command; rank 0 prepares the corpus, shows progress and prints the report:
+    torchrun --nproc-per-node 8 -m n3cli pretrain --preset h100
+"""
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
 from n3cli.options import DEFAULT_PRESET, DryRun, Out, Preset, Sets, load_preset
+from presets import RunConfig
+
+Resume = Annotated[
+    bool, typer.Option("--resume", help="Continue the run in --out from its latest checkpoint, with its saved preset.")
+]
 
 
-def run(preset: Preset = DEFAULT_PRESET, overrides: Sets = None, out: Out = None, dry_run: DryRun = False) -> None:
+def run(
+    preset: Preset = DEFAULT_PRESET, overrides: Sets = None, out: Out = None, dry_run: DryRun = False,
+    resume: Resume = False,
+) -> None:
     """Pretrain the preset's model; --dry-run prints the plan without allocating."""
+    from model.errors import UserError
+
     cfg = load_preset(preset, overrides)
     if dry_run:
         from n3cli.report import print_plan
@@ -14,6 +35,42 @@ def run(preset: Preset = DEFAULT_PRESET, overrides: Sets = None, out: Out = None
 
         print_plan(plan_run(cfg))
         return
-    from model.errors import UserError
+    run_dir = out or Path("runs") / cfg.name
+    if resume:
+        saved = sorted(run_dir.glob("*.toml"))
+        if len(saved) != 1:
+            raise UserError(f"cannot resume: {run_dir} is not a run folder (no saved preset); drop --resume")
+        if preset != DEFAULT_PRESET:
+            raise UserError("--resume continues with the run's saved preset; drop --preset (--set still applies)")
+        cfg = load_preset(str(saved[0].resolve()), overrides)
+    _train(cfg, run_dir, resume)
 
-    raise UserError("training is not wired yet; use --dry-run")
+
+def _train(cfg: RunConfig, run_dir: Path, resume: bool) -> None:
+    from contextlib import nullcontext
+
+    from n3cli.presets import to_toml
+    from n3cli.progress import RichProgress
+    from n3cli.report import print_pretrain
+    from presets import as_dict
+    from stages.data import CorpusOptions, default_corpus_dir, parse_sources, prepare
+    from stages.pretrain import pretrain
+    from stages.runtime import distributed
+
+    progress = RichProgress() if os.environ.get("RANK", "0") == "0" else None
+    corpus = Path(cfg.data.path) if cfg.data.path else default_corpus_dir(cfg.model.vocab_size)
+
+    def prepare_builtin_corpus() -> None:
+        prepare(parse_sources([]), corpus, CorpusOptions(vocab_size=cfg.model.vocab_size), progress)
+
+    try:
+        with progress or nullcontext():
+            result = pretrain(
+                cfg, corpus, run_dir, resume=resume, progress=progress,
+                prepare_corpus=None if cfg.data.path else prepare_builtin_corpus,
+                preset_toml=to_toml(as_dict(cfg)),
+            )
+    finally:
+        distributed.teardown()
+    if result is not None:
+        print_pretrain(result)

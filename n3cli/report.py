@@ -73,3 +73,51 @@ def print_serve_plan(plan) -> None:
         + (", compiled decode step" if engine.compile else "")
         + f"\ncaches (preallocated): {human(plan.cache_bytes, 'B')}"
     )
+
+
+def print_pretrain(result) -> None:
+    """The end of `n3 pretrain`: what was trained, how well, where it is, and what it writes."""
+    loop = result.loop
+    table = Table(title=f"Pretrained {result.run}", show_header=False, show_edge=False)
+    table.add_column(justify="left")
+    table.add_column(justify="right")
+    table.add_row("parameters", human(result.parameters))
+    if loop is None:
+        table.add_row("steps", f"{result.total_steps} (the run was complete already)")
+    else:
+        table.add_row("steps", f"{result.start_step} -> {result.total_steps}")
+        table.add_row("tokens trained", human(loop.tokens))
+        table.add_row("training time", f"{loop.seconds:.0f} s ({human(loop.tokens / loop.seconds)} tokens/s)")
+        table.add_row("final training loss", f"{loop.last['loss']:.3f} (next-token {loop.last['ce']:.3f})")
+        if loop.val_loss is not None:
+            table.add_row("validation loss", f"{loop.val_loss:.3f} nats/token")
+    table.add_row("unigram entropy of the corpus", f"{result.unigram_entropy:.3f} nats/token")
+    table.add_row("checkpoint", str(result.checkpoint))
+    if loop is not None and loop.warnings:
+        table.add_row("warnings", str(len(loop.warnings)))
+    console.print(table)
+    console.print(f"[bold]sample[/] (prompt, then the model's continuation):\n{result.prompt}[cyan]{result.sample}[/]")
+
+
+def print_corpus(prepared) -> None:
+    """The end of `n3 data`: what the corpus holds and how it will be sampled."""
+    m = prepared.manifest
+    done = {"built": "prepared", "reblended": "blend updated (shards unchanged)", "up to date": "up to date, nothing to do"}
+    console.print(f"[bold]{prepared.directory}[/]: {done[prepared.work]}")
+    table = Table(show_edge=False)
+    for column in ("source", "train tokens", "docs", "val tokens", "quality", f"phase 1 (< {m.switch_at:.0%})",
+                   "phase 2"):
+        table.add_column(column, justify="left" if column == "source" else "right")
+    for s in m.sources:
+        train, val = s.splits["train"], s.splits["val"]
+        table.add_row(
+            s.name, human(train.tokens), human(train.documents + val.documents), human(val.tokens),
+            "yes" if s.quality else "", f"{m.phases[0].weights[s.name]:.1%}", f"{m.phases[1].weights[s.name]:.1%}",
+        )
+    console.print(table)
+    console.print(
+        f"vocabulary {m.vocab_size} ({m.dtype} shards); {m.duplicates_removed} duplicate documents removed; "
+        f"unigram entropy {m.unigram_entropy:.3f} nats/token"
+    )
+    for note in m.notes:
+        console.print(f"note: {note}")

@@ -250,9 +250,20 @@ def _check_plan(cfg: RunConfig) -> None:
     """Cross-field checks between the run plan and the model, named after the preset."""
     train, parallel, model = cfg.train, cfg.parallel, cfg.model
     for table in ("train", "parallel"):
-        for key, value in dataclasses.asdict(getattr(cfg, table)).items():
-            if isinstance(value, int) and value < 1:  # sizes and degrees; a zero would divide by zero below
-                raise UserError(f"preset {cfg.name}: {table}.{key} must be at least 1, got {value}")
+        for f in dataclasses.fields(getattr(cfg, table)):
+            value = getattr(getattr(cfg, table), f.name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                continue
+            # Integers are sizes, degrees and counts (a zero would divide by zero), numbers are rates and scales;
+            # a field may lower its own floor.
+            least = f.metadata.get("min", 1 if isinstance(value, int) else 0)
+            if value < least:
+                raise UserError(f"preset {cfg.name}: {table}.{f.name} must be at least {least}, got {value}")
+    if not train.min_lr <= train.lr or train.lr == 0:
+        raise UserError(f"preset {cfg.name}: need 0 <= train.min_lr <= train.lr and train.lr > 0")
+    for key in ("decay_fraction", "adam_beta1", "adam_beta2"):
+        if getattr(train, key) > 1:
+            raise UserError(f"preset {cfg.name}: train.{key} must be at most 1, got {getattr(train, key)}")
     per_step = train.micro_batch_size * parallel.data
     if train.global_batch_size % per_step:
         raise UserError(

@@ -16,6 +16,8 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "precision.params": ("fp32", "bf16"),
     "precision.compute": ("fp32", "bf16", "fp8", "nvfp4"),
     "parallel.strategy": ("none", "ddp", "fsdp"),
+    "parallel.reduce_dtype": ("fp32", "bf16"),
+    "train.decay_shape": ("linear", "cosine", "sqrt"),
     **{f"kernels.{op}": names for op, names in KERNEL_CHOICES.items()},
     "serve.dtype": ("auto", "fp32", "bf16"),
     "serve.ssm_cache_dtype": ("fp32", "bf16", "fp16"),
@@ -62,6 +64,12 @@ class ParallelConfig:
     """Expert-parallel degree: routed experts are split across this many ranks."""
     context: int = 1
     """Context-parallel degree for long sequences."""
+    reduce_dtype: str = "fp32"
+    """Dtype gradients are averaged across data-parallel ranks in: fp32 | bf16 (half the traffic)."""
+    output_grad_fp32: bool = True
+    """Average the output layer's gradients (lm_head, with the embedding and final norm under FSDP) in fp32 whatever
+    reduce_dtype says: with them in bf16 the small MTP contribution to lm_head's gradient is lost, which caused the
+    Nemotron 3 Ultra report's first divergence."""
 
     @property
     def world_size(self) -> int:
@@ -80,6 +88,58 @@ class TrainConfig:
     """Sequences per device per forward/backward."""
     global_batch_size: int = 8
     """Sequences per optimizer step across all devices; the rest is gradient accumulation."""
+    steps: int = 1000
+    """Optimizer steps of the run (ignored when `tokens` is set)."""
+    tokens: int = field(default=0, metadata={"min": 0})
+    """Token budget; when above 0 the run takes ceil(tokens / (global_batch_size x seq_len)) steps."""
+    lr: float = 3e-4
+    """Peak learning rate, held through the stable phase of the Warmup-Stable-Decay schedule."""
+    min_lr: float = 3e-5
+    """Learning rate at the end of the decay."""
+    warmup_steps: int = field(default=100, metadata={"min": 0})
+    """Linear warmup from 0 to lr."""
+    decay_fraction: float = 0.2
+    """Fraction of the steps, at the end, over which lr decays to min_lr."""
+    decay_shape: str = "sqrt"
+    """Shape of the decay: linear | cosine | sqrt (1 - sqrt of the progress, the WSD papers' choice)."""
+    weight_decay: float = 0.1
+    """AdamW decoupled weight decay of the parameters not matched by no_decay."""
+    no_decay: str = "*norm*.weight,*bias,*.A_log,*.D"
+    """Comma-separated fnmatch patterns of parameter names trained without weight decay."""
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    adam_eps: float = 1e-8
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this; 0 turns clipping off."""
+    mtp_depths: int = field(default=2, metadata={"min": 0})
+    """MTP depths trained (the one MTP weight set applied recursively); 0 trains the main head only."""
+    mtp_loss_scale: float = 0.3
+    """Total weight of the MTP losses, shared equally by the depths (0.3 / 2 each, as Nemotron 3)."""
+    aux_loss_coeff: float = 1e-4
+    """Coefficient of the sequence-level MoE load-balancing loss."""
+    bias_update_rate: float = 1e-3
+    """Aux-loss-free balancing: each step, expert bias += rate * sign(mean load - load)."""
+    eval_interval: int = 100
+    """Steps between validation passes (one more runs at the end)."""
+    eval_sequences: int = 32
+    """Validation sequences per pass (fewer when the validation split is smaller)."""
+    checkpoint_interval: int = 500
+    """Steps between checkpoints (one more is written at the end)."""
+    keep_checkpoints: int = field(default=3, metadata={"min": 0})
+    """Checkpoints kept in the run folder, the newest; 0 keeps all."""
+    seed: int = field(default=0, metadata={"min": 0})
+    maxvio_warn: float = 6.0
+    """Warn when a MoE layer's MaxVio (max expert load / mean load) exceeds this."""
+    residual_jump_warn: float = 2.0
+    """Warn when a layer's residual RMS exceeds this multiple of its running average."""
+    peak_tflops: float = field(default=0.0, metadata={"min": 0})
+    """Peak dense TFLOP/s of one device, for the MFU estimate; 0 looks the GPU up or measures the CPU's matmul."""
+
+
+@dataclass
+class DataConfig:
+    path: str = ""
+    """A corpus folder prepared by `n3 data`; empty: the built-in corpus, prepared on first use."""
 
 
 @dataclass
@@ -126,5 +186,6 @@ class RunConfig:
     precision: PrecisionConfig = field(default_factory=PrecisionConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    data: DataConfig = field(default_factory=DataConfig)
     kernels: KernelConfig = field(default_factory=KernelConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)

@@ -1,5 +1,5 @@
 """Shared fixtures and hooks: `gpu` tests skip without CUDA; a small byte-level BPE tokenizer with n3's reserved
-tokens, trained once per session."""
+tokens, trained once per session; a small prepared corpus (two sources, one marked quality), once per session."""
 
 import pytest
 
@@ -35,3 +35,34 @@ def tokenizer():
     )
     backend.train_from_iterator([TEXT] * 20, trainer)
     return Tokenizer(backend)
+
+
+def write_documents(folder, count: int, seed: int, kind: str) -> None:
+    """`count` small deterministic documents, one file each: prose-like sentences or code-like lines."""
+    import random
+
+    rng = random.Random(seed)
+    words = ["the", "model", "reads", "tokens", "and", "predicts", "next", "state", "space", "expert", "router",
+             "layer", "mamba", "attention", "green", "blue", "sky", "grass", "sun", "is"]
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(count):
+        if kind == "prose":
+            text = " ".join(" ".join(rng.choice(words) for _ in range(rng.randint(4, 12))).capitalize() + "."
+                            for _ in range(rng.randint(3, 10)))
+        else:
+            text = "\n".join(f"def f{i}_{j}(x):\n    return x * {rng.randint(0, 99)} + {rng.randint(0, 9)}"
+                              for j in range(rng.randint(2, 8)))
+        (folder / f"{kind}{i:04d}.txt").write_text(text + "\n")
+
+
+@pytest.fixture(scope="session")
+def small_corpus(tmp_path_factory):
+    """A prepared corpus: `code` (150 documents) and `prose` (80, marked quality), a 320-token BPE."""
+    from stages.data import BlendOptions, CorpusOptions, parse_sources, prepare
+
+    root = tmp_path_factory.mktemp("sources")
+    write_documents(root / "code", 150, seed=1, kind="code")
+    write_documents(root / "prose", 80, seed=2, kind="prose")
+    out = tmp_path_factory.mktemp("corpus") / "corpus"
+    options = CorpusOptions(vocab_size=320, val_fraction=0.05, blend=BlendOptions(quality=["prose"]))
+    return prepare(parse_sources([str(root / "code"), str(root / "prose")]), out, options).directory

@@ -5,7 +5,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kernels import attention, causal_conv1d, causal_conv1d_step, group_by_expert, grouped_mm, ssd_chunk_scan, ssd_step
+from kernels import (
+    attention, causal_conv1d, causal_conv1d_step, group_by_expert, grouped_mm, permute_rows, ssd_chunk_scan, ssd_step,
+)
 
 
 def naive_ssd(x, dt, A, B, C, D, state):
@@ -42,6 +44,20 @@ def test_chunk_scan_matches_sequential_recurrence(t, chunk, with_state):
     assert y.dtype == torch.float64
     torch.testing.assert_close(y, want_y, rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(final, want_state, rtol=1e-10, atol=1e-10)
+
+
+def test_chunk_scan_gradients_match_recurrence():
+    """The hand-written backward of the in-chunk decay, through the whole scan, against autograd of the recurrence."""
+    inputs = [v.requires_grad_() for v in ssd_inputs(t=21)]
+    x, dt, A, B, C, D, state = inputs
+    gen = torch.Generator().manual_seed(9)
+    want_y, want_state = naive_ssd(x, dt, A, B, C, D, state)
+    y, final = ssd_chunk_scan(x, dt, A, B, C, D, 8, state)
+    weights = torch.randn(y.shape, generator=gen, dtype=y.dtype), torch.randn(final.shape, generator=gen, dtype=y.dtype)
+    want = torch.autograd.grad((want_y * weights[0]).sum() + (want_state * weights[1]).sum(), inputs)
+    got = torch.autograd.grad((y * weights[0]).sum() + (final * weights[1]).sum(), inputs)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
 
 
 def test_chunk_scan_splits_compose():
@@ -114,15 +130,22 @@ def test_grouped_mm_matches_rowwise():
     gen = torch.Generator().manual_seed(3)
     ids = torch.randint(0, 5, (11, 2), generator=gen)
     ids[:, 0] = torch.where(ids[:, 0] == 3, 0, ids[:, 0])  # leave expert 3 with fewer (maybe no) rows
-    order, counts = group_by_expert(ids, 5)
+    order, inverse, counts = group_by_expert(ids, 5)
     flat = ids.reshape(-1)
     assert counts.tolist() == [int((flat == e).sum()) for e in range(5)]
     assert torch.all(flat[order][1:] >= flat[order][:-1])
-    x = torch.randn(len(order), 6, generator=gen)
-    w = torch.randn(5, 3, 6, generator=gen)
+    assert torch.equal(order[inverse], torch.arange(len(order)))
+    x = torch.randn(len(order), 6, generator=gen, requires_grad=True)
+    w = torch.randn(5, 3, 6, generator=gen, requires_grad=True)
     out = grouped_mm(x, w, counts)
     want = torch.stack([x[i] @ w[flat[order][i]].T for i in range(len(order))])
     torch.testing.assert_close(out, want)
+    # Gradients (the per-expert views of w, and rows moved by a permutation) equal those of plain indexing.
+    g = torch.randn_like(out, generator=gen)
+    got = torch.autograd.grad((grouped_mm(permute_rows(x, order, inverse), w, counts) * g).sum(), (x, w))
+    expected = torch.autograd.grad((grouped_mm(x[order], w, counts) * g).sum(), (x, w))
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])

@@ -1,0 +1,175 @@
+"""`n3 pretrain`: train a model from scratch on a prepared corpus (REFERENCE.md section 2), resumable, single-process
+or under torchrun.
+
+The run folder (made by the CLI, which also saves the resolved preset there) receives metrics.jsonl and
+checkpoints/step-<8 digits>/ (see runtime/checkpointing.py). The run ends with a validation loss, compared with the
+corpus' unigram entropy (what a model that ignores context scores), and a sample continuation from the final
+checkpoint loaded back from disk.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+import kernels
+from model.checkpoint import from_pretrained
+from model.errors import UserError
+from model.hybrid import NemotronH, build
+from model.tokenizer import Tokenizer
+from presets.schema import RunConfig
+from stages.runtime import distributed
+from stages.runtime.batches import PackedBatches, validation_batches
+from stages.runtime.checkpointing import latest_resumable, load_checkpoint, read_trainer_state
+from stages.runtime.corpus import Manifest
+from stages.runtime.losses import CausalLMObjective
+from stages.runtime.loop import LoopResult, TrainingJob, run_loop, validation
+from stages.runtime.metrics import flops_per_token, peak_flops
+from stages.runtime.optim import build_optimizer
+from stages.runtime.progress import Progress, Quiet
+
+PROMPT_TOKENS = 24
+SAMPLE_TOKENS = 48
+
+
+@dataclass
+class PretrainResult:
+    run: Path
+    total_steps: int
+    start_step: int
+    loop: LoopResult | None
+    """None when the run was already complete."""
+    unigram_entropy: float
+    checkpoint: Path
+    prompt: str
+    sample: str
+    parameters: int
+
+
+def total_steps(cfg: RunConfig) -> int:
+    train = cfg.train
+    if train.tokens:
+        return math.ceil(train.tokens / (train.global_batch_size * train.seq_len))
+    return train.steps
+
+
+def pretrain(
+    cfg: RunConfig, corpus: Path, run: Path, resume: bool = False, progress: Progress | None = None,
+    prepare_corpus: Callable[[], object] | None = None, preset_toml: str | None = None,
+) -> PretrainResult | None:
+    """Train `cfg`'s model on the corpus folder into the run folder. Collective under torchrun; returns the result on
+    rank 0 (None elsewhere). `prepare_corpus`, when given, is called on rank 0 first (the others wait for it).
+    `preset_toml`, the resolved preset, is saved in a new run folder as <preset name>.toml for --resume."""
+    progress = progress or Quiet()
+    world = distributed.setup(cfg)
+    distributed.check_layout(cfg, world)
+    try:
+        kernels.configure(**vars(cfg.kernels))
+    except ValueError as err:
+        raise UserError(str(err)) from None
+    if prepare_corpus is not None and world.is_main:
+        prepare_corpus()
+    world.barrier()
+    manifest, tokenizer = Manifest.load(corpus), Tokenizer.load(corpus)
+    _check_fit(cfg, manifest)
+    steps = total_steps(cfg)
+    if not resume and world.is_main:
+        _start_run_folder(Path(run), cfg, preset_toml)
+
+    torch.manual_seed(cfg.train.seed)
+    model = build(cfg.model, device=world.device)
+    objective = distributed.prepare_model(CausalLMObjective(model, cfg.train.mtp_depths), cfg, world, progress.note)
+    optimizer = build_optimizer(objective, cfg.train)
+    batches = PackedBatches(corpus, manifest, cfg.train.seq_len, cfg.train.micro_batch_size,
+                            cfg.train.global_batch_size, steps, world.rank, world.size, cfg.train.seed)
+    start, monitor_state = 0, None
+    if resume:
+        path = latest_resumable(run)
+        if read_trainer_state(path).get("corpus") != manifest.fingerprint:
+            raise UserError(f"cannot resume {run}: its corpus has changed since the run started (rerun it from scratch)")
+        trainer = load_checkpoint(path, objective, optimizer, world)
+        batches.load_state_dict(trainer["data"])
+        start, monitor_state = trainer["step"], trainer.get("monitor")
+        progress.note(f"resuming {run} from step {start} ({path.name})")
+
+    val = validation_batches(corpus, manifest, cfg.train.seq_len, cfg.train.eval_sequences, cfg.train.micro_batch_size)
+    result = None
+    if start < steps:
+        job = TrainingJob(
+            cfg=cfg, world=world, objective=objective, optimizer=optimizer, batches=batches,
+            total_steps=steps, run=Path(run), tokenizer=tokenizer, progress=progress,
+            flops_per_token=flops_per_token(cfg.model, cfg.train.seq_len, cfg.train.mtp_depths),
+            peak_flops=peak_flops(world.device, cfg.train.peak_tflops),
+            evaluate=validation(objective, val, cfg, world),
+            trainer_state={"corpus": manifest.fingerprint, "preset": cfg.name, "total_steps": steps},
+        )
+        result = run_loop(job, start, monitor_state)
+    world.barrier()
+    if not world.is_main:
+        return None
+    checkpoint = latest_resumable(run)
+    final = from_pretrained(checkpoint, dtype=torch.float32)
+    prompt_ids = _prompt(val, manifest)
+    sample = sample_continuation(final, prompt_ids, SAMPLE_TOKENS, seed=cfg.train.seed)
+    return PretrainResult(
+        run=Path(run), total_steps=steps, start_step=start, loop=result, unigram_entropy=manifest.unigram_entropy,
+        checkpoint=checkpoint, prompt=tokenizer.decode(prompt_ids, skip_special=True),
+        sample=tokenizer.decode(sample, skip_special=True), parameters=sum(p.numel() for p in final.parameters()),
+    )
+
+
+def _check_fit(cfg: RunConfig, manifest: Manifest) -> None:
+    """The corpus' vocabulary fits the model, and the MTP depths asked for exist."""
+    if manifest.vocab_size > cfg.model.vocab_size:
+        raise UserError(
+            f"the corpus tokenizer has {manifest.vocab_size} tokens but the model only {cfg.model.vocab_size}: "
+            f"set model.vocab_size={manifest.vocab_size} or prepare the corpus with --vocab-size {cfg.model.vocab_size}"
+        )
+    if cfg.train.mtp_depths and not cfg.model.mtp_pattern:
+        raise UserError(f"train.mtp_depths = {cfg.train.mtp_depths} but the {cfg.shape} shape has no MTP block "
+                        "(no '/' in model.pattern); set train.mtp_depths=0")
+
+
+def _start_run_folder(run: Path, cfg: RunConfig, preset_toml: str | None) -> None:
+    """A new run goes into a folder without checkpoints; it keeps the resolved preset for --resume."""
+    checkpoints = run / "checkpoints"
+    if checkpoints.is_dir() and any(checkpoints.iterdir()):
+        raise UserError(f"{run} holds a run already: pass --resume to continue it, or --out DIR to start another")
+    run.mkdir(parents=True, exist_ok=True)
+    if preset_toml is not None:
+        for stale in run.glob("*.toml"):  # from a run that died before its first checkpoint
+            stale.unlink()
+        (run / f"{cfg.name}.toml").write_text(preset_toml + "\n")
+
+
+def _prompt(val: list, manifest: Manifest) -> list[int]:
+    """The start of the first validation document (without its bos): text the model has not trained on."""
+    ids = val[0].input_ids[0].tolist() if val else [manifest.bos_id]
+    ids = [t for t in ids if t != manifest.bos_id]
+    end = ids.index(manifest.eos_id) if manifest.eos_id in ids else len(ids)
+    return ids[: min(end, PROMPT_TOKENS)] or ids[:1]
+
+
+@torch.no_grad()
+def sample_continuation(
+    model: NemotronH, prompt: list[int], new_tokens: int, temperature: float = 0.8, top_k: int = 40, seed: int = 0
+) -> list[int]:
+    """`new_tokens` sampled after `prompt` (top-k, temperature) with the hybrid cache: one prefill, then one token
+    per step."""
+    from model.cache import HybridCache
+
+    model.eval()
+    generator = torch.Generator().manual_seed(seed)
+    cache = HybridCache(model.config, rows=1, max_len=len(prompt) + new_tokens)
+    logits = model(torch.tensor([prompt]), cache)[0, -1]
+    out = []
+    for _ in range(new_tokens):
+        top = torch.topk(logits / temperature, top_k)
+        choice = top.indices[torch.multinomial(torch.softmax(top.values, -1), 1, generator=generator)]
+        out.append(int(choice))
+        logits = model(choice.view(1, 1), cache)[0, -1]
+    return out

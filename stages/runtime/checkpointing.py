@@ -1,0 +1,157 @@
+"""Checkpoints of a training run: each a complete Hugging Face checkpoint plus the state to resume from.
+
+    RUN/checkpoints/step-00000200/
+        config.json, model-*.safetensors, model.safetensors.index.json   the weights (model.checkpoint)
+        tokenizer.json, tokenizer_config.json                             the tokenizer
+        trainer.json                                                      step, data position, monitor, run facts
+        rng-<rank>.pt                                                     each rank's random generators
+        training_state/                                                   model + optimizer, torch.distributed.checkpoint
+
+The training state is written by every rank in parallel (sharded under FSDP); the HF weights are gathered on rank 0.
+A step directory appears in one rename when everything is written, so a killed run leaves its last complete
+checkpoint and nothing half-written.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import shutil
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+import torch.distributed.checkpoint as dcp
+from torch import nn
+from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_state_dict,
+    set_state_dict,
+)
+
+from model.checkpoint import atomic_directory, resolve_checkpoint, write_pretrained
+from model.errors import UserError
+from model.hybrid import NemotronH
+from model.tokenizer import Tokenizer
+from stages.runtime.distributed import World
+
+TRAINER = "trainer.json"
+STATE = "training_state"
+
+
+def step_directory(run: Path, step: int) -> Path:
+    return Path(run) / "checkpoints" / f"step-{step:08d}"
+
+
+def save_checkpoint(
+    run: Path, step: int, objective: nn.Module, optimizer: torch.optim.Optimizer, trainer: dict,
+    tokenizer: Tokenizer, world: World, keep: int = 0,
+) -> Path:
+    """Write checkpoint `step` of the run (collective: every rank calls it). `objective` holds the NemotronH as
+    `.model` (wrapped or not); `trainer` is what resume needs besides tensors. Keeps the newest `keep` (0: all)."""
+    path = step_directory(run, step)
+    model_state, optimizer_state = get_state_dict(objective, optimizer)
+    full = get_model_state_dict(objective, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    with _shared_atomic_directory(path, world) as tmp:
+        with _single_process_is_intended():
+            dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=tmp / STATE,
+                     no_dist=not world.distributed)
+        torch.save(_rng_state(), tmp / f"rng-{world.rank}.pt")
+        if world.is_main:
+            model = _bare_model(objective, full)
+            special = {"bos_token_id": tokenizer.bos_id, "eos_token_id": tokenizer.eos_id, "pad_token_id": tokenizer.pad_id}
+            write_pretrained(model, tmp, extra_config=special)
+            tokenizer.save(tmp)
+            (tmp / TRAINER).write_text(json.dumps(trainer | {"step": step}, indent=2))
+    if world.is_main and keep:
+        for old in sorted((Path(run) / "checkpoints").glob("step-*"))[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    world.barrier()
+    return path
+
+
+def latest_resumable(run: Path) -> Path:
+    """The newest checkpoint of a run folder, checked to hold a training state; a clear error otherwise."""
+    run = Path(run)
+    if not (run / "checkpoints").is_dir():
+        raise UserError(f"cannot resume: {run} is not a run folder (it has no checkpoints/); "
+                        "start a new run without --resume")
+    path = resolve_checkpoint(run)
+    if not (path / TRAINER).is_file() or not (path / STATE).is_dir():
+        raise UserError(f"cannot resume from {path}: it holds weights but no training state ({TRAINER}, {STATE}/)")
+    return path
+
+
+def read_trainer_state(path: Path) -> dict:
+    try:
+        return json.loads((path / TRAINER).read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise UserError(f"{path / TRAINER} is unreadable ({err}): corrupt checkpoint") from None
+
+
+def load_checkpoint(path: Path, objective: nn.Module, optimizer: torch.optim.Optimizer, world: World) -> dict:
+    """Restore model, optimizer and this rank's random generators from checkpoint `path`; return the trainer state."""
+    trainer = read_trainer_state(path)
+    model_state, optimizer_state = get_state_dict(objective, optimizer)
+    state = {"model": model_state, "optimizer": optimizer_state}
+    try:
+        with _single_process_is_intended():
+            dcp.load(state, checkpoint_id=path / STATE, no_dist=not world.distributed)
+    except (Exception, CheckpointException) as err:  # dcp gathers every rank's failure in a BaseException
+        cause = next(iter(err.failures.values()))[0] if isinstance(err, CheckpointException) else err
+        message = f"{type(cause).__name__} {' '.join(str(cause).split())[:200]}".strip()
+        raise UserError(f"cannot read the training state in {path / STATE}: {message} (corrupt checkpoint?)") from None
+    set_state_dict(objective, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+    rng = path / f"rng-{world.rank}.pt"
+    if rng.is_file():
+        _set_rng_state(torch.load(rng, weights_only=True))
+    return trainer
+
+
+@contextlib.contextmanager
+def _shared_atomic_directory(path: Path, world: World) -> Iterator[Path]:
+    """atomic_directory for all ranks: rank 0 makes the temporary directory and renames it once all have written."""
+    if world.is_main:
+        with atomic_directory(path) as tmp:
+            world.broadcast(str(tmp))
+            yield tmp
+            world.barrier()
+    else:
+        tmp = Path(world.broadcast(None))
+        yield tmp
+        world.barrier()
+
+
+@contextlib.contextmanager
+def _single_process_is_intended() -> Iterator[None]:
+    """dcp warns that it runs in one process even when told to (no_dist=True)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
+
+
+def _bare_model(objective: nn.Module, full_state: dict[str, torch.Tensor]) -> NemotronH:
+    """A plain NemotronH holding the gathered full weights (for writing HF files)."""
+    inner = getattr(objective, "module", objective)
+    config = inner.model.config
+    with torch.device("meta"):
+        model = NemotronH(config)
+    weights = {k.removeprefix("model."): v for k, v in full_state.items() if k.startswith("model.")}
+    model.load_state_dict(weights, assign=True)
+    return model
+
+
+def _rng_state() -> dict:
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])

@@ -1,0 +1,215 @@
+"""torchrun and torch.distributed: the process group, the device, preparing the model for training (precision, then
+DDP or FSDP2), gradient-sync control for accumulation, and the fp32 reduction of the output layer's gradients.
+
+The same code runs in one process (no process group; every collective is a no-op) and under
+`torchrun --nproc-per-node N -m n3cli pretrain ...` (NCCL on GPUs, gloo on CPUs).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import inspect
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from model.errors import UserError
+from presets.schema import RunConfig
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+@dataclass
+class World:
+    rank: int
+    size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.size > 1
+
+    def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Sum over ranks, in place; returns the tensor."""
+        if self.distributed:
+            dist.all_reduce(tensor)
+        return tensor
+
+    def broadcast(self, value: object) -> object:
+        """Rank 0's value on every rank."""
+        if not self.distributed:
+            return value
+        box = [value]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def barrier(self) -> None:
+        if self.distributed:
+            dist.barrier()
+
+
+def setup(cfg: RunConfig) -> World:
+    """Join the torchrun process group when launched by torchrun (WORLD_SIZE set), and pick this rank's device."""
+    size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    wants_gpu = cfg.precision.compute != "fp32" or cfg.parallel.strategy != "none"
+    if torch.cuda.is_available() and (wants_gpu or size > 1):
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    else:
+        device = torch.device("cpu")
+    if size > 1 and not dist.is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(backend, timeout=datetime.timedelta(minutes=30))
+    return World(rank, size, local_rank, device)
+
+
+def teardown() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def check_layout(cfg: RunConfig, world: World) -> None:
+    """What this trainer runs: data parallelism (DDP or FSDP2) over all ranks; FSDP shards experts like any weight."""
+    parallel = cfg.parallel
+    for key in ("tensor", "pipeline", "context"):
+        if getattr(parallel, key) > 1:
+            raise UserError(
+                f"parallel.{key} = {getattr(parallel, key)}: training runs data-parallel (DDP or FSDP2) only; "
+                f"set parallel.{key}=1"
+            )
+    if cfg.precision.compute == "bf16" and world.device.type != "cuda":
+        raise UserError("precision.compute = bf16 needs a GPU here; on CPU use precision.compute=fp32")
+    per_step = cfg.train.micro_batch_size * world.size
+    if cfg.train.global_batch_size % per_step:
+        raise UserError(
+            f"train.global_batch_size ({cfg.train.global_batch_size}) must be a multiple of train.micro_batch_size x "
+            f"processes ({cfg.train.micro_batch_size} x {world.size})"
+        )
+    if world.distributed and parallel.strategy == "none":
+        raise UserError(f"{world.size} processes but parallel.strategy = none; set parallel.strategy=ddp or fsdp")
+
+
+def autocast(cfg: RunConfig, world: World):
+    """The compute-precision context of forward passes: bf16 autocast on GPU (for what fp8/nvfp4 leave in high
+    precision too), nothing on CPU (fp32, or fp8/nvfp4 emulated around fp32)."""
+    if cfg.precision.compute != "fp32" and world.device.type == "cuda":
+        return torch.autocast(world.device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def prepare_model(
+    objective: nn.Module, cfg: RunConfig, world: World, note: Callable[[str], None] = lambda message: None
+) -> nn.Module:
+    """The one place a model becomes trainable: master-weight dtype, then the low-precision converter (fp8, nvfp4:
+    model.lowp, on the unwrapped modules), then DDP or FSDP2. Returns what the loop calls; `note` hears what the
+    converter did."""
+    from model.hybrid import cast
+    from model.lowp import LOW_PRECISION_COMPUTE, convert
+
+    objective.to(world.device)
+    if cfg.precision.params == "bf16":
+        cast(objective, torch.bfloat16)
+    if cfg.precision.compute in LOW_PRECISION_COMPUTE:
+        note(convert(objective.model, cfg.precision).summary())
+    if not world.distributed:
+        return objective
+    if cfg.parallel.strategy == "ddp":
+        return _ddp(objective, cfg, world)
+    return _fsdp(objective, cfg)
+
+
+def _ddp(objective: nn.Module, cfg: RunConfig, world: World) -> nn.Module:
+    from torch.nn.parallel import DistributedDataParallel
+
+    reduce_dtype = DTYPES[cfg.parallel.reduce_dtype]
+    output = objective.model.lm_head.weight
+    separate_output = cfg.parallel.output_grad_fp32 and (reduce_dtype != torch.float32 or output.dtype != torch.float32)
+    if separate_output:
+        # DDP reduces every bucket with the same hook; the output layer leaves DDP and is averaged in fp32 by
+        # reduce_output_gradients after the last micro-batch.
+        DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(objective, ["model.lm_head.weight"])
+    # The expert biases are updated identically on every rank: no buffer traffic in the forwards.
+    newer = "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
+    wrapped = DistributedDataParallel(
+        objective,
+        device_ids=[world.device.index] if world.device.type == "cuda" else None,
+        **({"forward_sync_buffers": False} if newer else {"broadcast_buffers": False}),
+    )
+    if any(p.dtype != reduce_dtype for p in objective.parameters()):
+        wrapped.register_comm_hook(None, _reduce_in(reduce_dtype))
+    wrapped.n3_separate_output = separate_output
+    return wrapped
+
+
+def _reduce_in(dtype: torch.dtype):
+    """A DDP comm hook that averages each bucket in `dtype` (bf16 halves the traffic; fp32 keeps bf16 gradients
+    exact)."""
+
+    def hook(state, bucket):
+        buffer = bucket.buffer()
+        world = dist.get_world_size()
+        reduced = buffer.to(dtype).div_(world)
+        work = dist.all_reduce(reduced, async_op=True).get_future()
+
+        def back(fut):
+            buffer.copy_(fut.value()[0])
+            return buffer
+
+        return work.then(back)
+
+    return hook
+
+
+def _fsdp(objective: nn.Module, cfg: RunConfig) -> nn.Module:
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    param_dtype = torch.bfloat16 if cfg.precision.compute == "bf16" else None
+    reduce_dtype = DTYPES[cfg.parallel.reduce_dtype]
+    policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
+    model = objective.model
+    for layer in model.model.layers:
+        fully_shard(layer, mp_policy=policy)
+    if model.mtp is not None:
+        fully_shard(model.mtp, mp_policy=policy)
+    # The root unit holds what the layers do not: embeddings, final norm and the output layer.
+    root_reduce = torch.float32 if cfg.parallel.output_grad_fp32 else reduce_dtype
+    fully_shard(objective, mp_policy=MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=root_reduce))
+    return objective
+
+
+def unwrap(module: nn.Module) -> nn.Module:
+    return getattr(module, "module", module)
+
+
+@contextlib.contextmanager
+def gradient_sync(module: nn.Module, sync: bool):
+    """Accumulate without communication unless `sync` (the last micro-batch of a step)."""
+    if hasattr(module, "set_requires_gradient_sync"):  # FSDP2
+        module.set_requires_gradient_sync(sync)
+        yield
+    elif hasattr(module, "no_sync") and not sync:  # DDP
+        with module.no_sync():
+            yield
+    else:
+        yield
+
+
+def reduce_output_gradients(module: nn.Module, world: World) -> None:
+    """Average the output layer's gradient in fp32 where DDP was told to leave it alone."""
+    if not getattr(module, "n3_separate_output", False):
+        return
+    weight = unwrap(module).model.lm_head.weight
+    grad = weight.grad.float()
+    dist.all_reduce(grad)
+    weight.grad.copy_(grad / world.size)

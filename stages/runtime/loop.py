@@ -1,0 +1,188 @@
+"""The training loop every training stage runs: micro-batches with gradient accumulation, exact global-batch loss
+normalisation, clipping, AdamW with the WSD schedule, the expert-bias update, metrics, evaluation, checkpoints.
+
+A stage supplies a `TrainingJob`: the objective (a module whose forward returns the loss and its statistics, see
+losses.CausalLMObjective) prepared by distributed.prepare_model, the optimizer, and a source of batches with
+`next_step()` (this rank's micro-batches), `phase()`, `state_dict()` and `load_state_dict()`.
+
+Loss normalisation: each head's summed token losses are divided by that head's valid-label count over the whole global
+batch (all micro-batches, all ranks), so one process with accumulation and N processes compute the same loss and
+gradients. Data-parallel wrappers average gradients over ranks, hence the factor `world` in the weights.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from kernels.cross_entropy import IGNORE
+from model.tokenizer import Tokenizer
+from presets.schema import RunConfig
+from stages.runtime import distributed
+from stages.runtime.checkpointing import save_checkpoint
+from stages.runtime.distributed import World
+from stages.runtime.losses import head_token_counts, update_expert_bias
+from stages.runtime.metrics import MetricsLog, Monitor, max_violation
+from stages.runtime.optim import set_lr, wsd_lr
+from stages.runtime.progress import Progress
+
+
+@dataclass
+class TrainingJob:
+    cfg: RunConfig
+    world: World
+    objective: nn.Module
+    """A losses.CausalLMObjective (or one with its forward contract), prepared by distributed.prepare_model."""
+    optimizer: torch.optim.Optimizer
+    batches: object
+    total_steps: int
+    run: Path
+    tokenizer: Tokenizer
+    progress: Progress
+    flops_per_token: float
+    peak_flops: float | None
+    evaluate: Callable[[], float | None] | None = None
+    """Validation loss of the current weights (collective), or None when there is nothing to validate on."""
+    trainer_state: dict = field(default_factory=dict)
+    """Facts saved in every checkpoint's trainer.json besides the loop's own (e.g. the corpus fingerprint)."""
+
+
+@dataclass
+class LoopResult:
+    steps: int
+    tokens: int
+    seconds: float
+    last: dict
+    """The last step's metrics record."""
+    val_loss: float | None
+    checkpoint: Path | None
+    warnings: list[str]
+
+
+def run_loop(job: TrainingJob, start_step: int = 0, monitor_state: dict | None = None) -> LoopResult:
+    """Train from optimizer step `start_step` to job.total_steps; evaluate and checkpoint at the preset's intervals
+    and at the end. Every rank calls it."""
+    train, world = job.cfg.train, job.world
+    objective = distributed.unwrap(job.objective)
+    moes, moe_names = objective.main_moes + objective.mtp_moes, objective.moe_names
+    head_scales = [1.0] + [train.mtp_loss_scale / train.mtp_depths] * train.mtp_depths if train.mtp_depths else [1.0]
+    tokens_per_step = train.global_batch_size * train.seq_len
+    monitor = Monitor(train.maxvio_warn, train.residual_jump_warn, settle_steps=max(train.warmup_steps, 50))
+    if monitor_state:
+        monitor.load_state_dict(monitor_state)
+    log = MetricsLog(job.run / "metrics.jsonl", resume_step=start_step or None) if world.is_main else None
+    params = [p for p in job.objective.parameters() if p.requires_grad]
+
+    job.progress.start("training", total=job.total_steps, completed=start_step)
+    record: dict = {}
+    val_loss, checkpoint, warnings, started = None, None, [], time.perf_counter()
+    job.objective.train()
+    for step in range(start_step, job.total_steps):
+        tick = time.perf_counter()
+        lr = wsd_lr(step, job.total_steps, train)
+        set_lr(job.optimizer, lr)
+        head_losses, aux, load, rms = _accumulate_gradients(job, head_scales)
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, train.grad_clip or math.inf)
+        job.optimizer.step()
+        job.optimizer.zero_grad(set_to_none=True)
+        for moe, layer_load in zip(moes, load):
+            update_expert_bias(moe, layer_load, train.bias_update_rate)
+
+        done, throughput = step + 1, tokens_per_step / (time.perf_counter() - tick)
+        maxvio = max_violation(load).tolist() if moes else []
+        record = {
+            "step": done,
+            "loss": sum(s * loss for s, loss in zip(head_scales, head_losses)) + train.aux_loss_coeff * aux,
+            "ce": head_losses[0],
+            "mtp": head_losses[1:],
+            "aux": aux,
+            "lr": lr,
+            "grad_norm": float(_full(grad_norm)),
+            "tokens": done * tokens_per_step,
+            "tokens_per_s": throughput,
+            "mfu": throughput * job.flops_per_token / (job.peak_flops * world.size) if job.peak_flops else None,
+            "phase": job.batches.phase(),
+            "maxvio": dict(zip(moe_names, maxvio)),
+            "residual_rms": rms.tolist(),
+        }
+        step_warnings = monitor.check(done, maxvio, record["residual_rms"], moe_names)
+        if done % train.eval_interval == 0 or done == job.total_steps:
+            val_loss = record["val_loss"] = job.evaluate() if job.evaluate else None
+        if step_warnings:
+            record["warnings"] = step_warnings
+            warnings += step_warnings
+        if log is not None:
+            log.write(record)
+            for warning in step_warnings:
+                job.progress.note(f"warning: {warning}")
+        job.progress.advance(1, loss=record["loss"], lr=lr, tokens_per_s=throughput, mfu=record["mfu"])
+        if done % train.checkpoint_interval == 0 or done == job.total_steps:
+            trainer = job.trainer_state | {"data": job.batches.state_dict(), "monitor": monitor.state_dict()}
+            checkpoint = save_checkpoint(job.run, done, job.objective, job.optimizer, trainer, job.tokenizer, world,
+                                         keep=train.keep_checkpoints)
+    steps = job.total_steps - start_step
+    return LoopResult(steps, steps * tokens_per_step, time.perf_counter() - started, record, val_loss, checkpoint,
+                      warnings)
+
+
+def _accumulate_gradients(job: TrainingJob, head_scales: list[float]):
+    """Forward and backward over this rank's micro-batches of the next step. Returns, over the global batch: each
+    head's mean loss, the mean aux loss, the expert load per MoE layer and the mean residual RMS per layer."""
+    train, world = job.cfg.train, job.world
+    micro_batches = job.batches.next_step()
+    depths = len(head_scales) - 1
+    counts = torch.stack([head_token_counts(mb.labels, depths) for mb in micro_batches]).sum(0)
+    counts = world.all_reduce(counts.to(world.device)).clamp(min=1).tolist()
+    # Wrappers average gradients over ranks: multiply by the world to keep sum(loss) / global count.
+    weights = [world.size * scale / n for scale, n in zip(head_scales, counts)]
+    weights.append(train.aux_loss_coeff / len(micro_batches))
+    sums, load, rms = torch.zeros(len(head_scales) + 1, device=world.device), 0, 0
+    for i, mb in enumerate(micro_batches):
+        with distributed.gradient_sync(job.objective, sync=i == len(micro_batches) - 1):
+            with distributed.autocast(job.cfg, world):
+                out = job.objective(mb.input_ids.to(world.device), mb.labels.to(world.device), weights)
+            out["loss"].backward()
+        sums += torch.cat([out["head_sums"], out["aux"][None]])
+        load, rms = load + out["expert_load"], rms + out["residual_rms"]
+    distributed.reduce_output_gradients(job.objective, world)
+    stats = world.all_reduce(torch.cat([sums, load.flatten(), rms]))
+    sums, load, rms = stats[: len(sums)], stats[len(sums) : len(sums) + load.numel()].view_as(load), stats[-len(rms) :]
+    micro_total = len(micro_batches) * world.size
+    head_losses = [total / n for total, n in zip(sums[:-1].tolist(), counts)]
+    return head_losses, sums[-1].item() / micro_total, load, rms / micro_total
+
+
+def _full(tensor: torch.Tensor) -> torch.Tensor:
+    """A DTensor (FSDP2's gradient norm) as a plain tensor."""
+    return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
+
+
+def validation(objective: nn.Module, batches: list, cfg: RunConfig, world: World) -> Callable[[], float | None]:
+    """A function returning the mean next-token loss over `batches` (micro-batches of the validation set). Every
+    rank runs the same number of forwards (FSDP gathers weights in each); a rank short of batches runs a masked one."""
+    per_rank = math.ceil(len(batches) / world.size)
+
+    @torch.no_grad()
+    def evaluate() -> float | None:
+        if not batches:
+            return None
+        totals = torch.zeros(2, device=world.device)
+        objective.eval()
+        for i in range(per_rank):
+            j = i * world.size + world.rank
+            inputs, labels = (batches[j].input_ids, batches[j].labels) if j < len(batches) else (
+                batches[0].input_ids, torch.full_like(batches[0].labels, IGNORE))
+            with distributed.autocast(cfg, world):
+                out = objective(inputs.to(world.device), labels.to(world.device))
+            totals += torch.stack([out["head_sums"][0], (labels != IGNORE).sum().to(totals)])
+        objective.train()
+        world.all_reduce(totals)
+        return (totals[0] / totals[1].clamp(min=1)).item()
+
+    return evaluate
