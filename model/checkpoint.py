@@ -146,6 +146,14 @@ def resolve_checkpoint(path: str | Path) -> Path:
     raise UserError(f"{path} is neither a checkpoint (no config.json) nor a run folder with checkpoints/step-*")
 
 
+def newest_run(root: str | Path = "runs") -> Path | None:
+    """The run folder under `root` whose newest complete checkpoint was written last, or None if there is none."""
+    checkpoints = [step for step in Path(root).glob("*/checkpoints/step-*") if (step / "config.json").is_file()]
+    if not checkpoints:
+        return None
+    return max(checkpoints, key=lambda step: (step / "config.json").stat().st_mtime).parent.parent
+
+
 def read_config(path: str | Path) -> dict:
     """The parsed config.json of a checkpoint directory, with a clear error when it is missing or malformed."""
     path = Path(path)

@@ -47,21 +47,28 @@ class Mamba2Mixer(nn.Module):
         A = -torch.exp(self.A_log.float())
         weight, bias = self.conv1d.weight[:, 0], self.conv1d.bias
 
-        if cache is not None and t == 1:
-            xBC, conv_state = causal_conv1d_step(xBC[:, 0], cache.conv, weight, bias)
-            x, B, C = xBC.split([cfg.mamba_inner, G * N, G * N], dim=-1)
-            y, ssm_state = ssd_step(
-                cache.ssm, x.view(b, H, P), dt[:, 0], A, B.view(b, G, N), C.view(b, G, N), self.D
-            )
-            y = y[:, None]
+        if cache is not None and (t == 1 or cache.keeps_positions):
+            # Token by token: decode, and speculative verification, which needs the state after every position.
+            ys = []
+            for i in range(t):
+                conv_state, ssm_state = cache.read()
+                xBC_i, conv_state = causal_conv1d_step(xBC[:, i], conv_state, weight, bias)
+                x, B, C = xBC_i.split([cfg.mamba_inner, G * N, G * N], dim=-1)
+                y_i, ssm_state = ssd_step(
+                    ssm_state, x.view(b, H, P), dt[:, i], A, B.view(b, G, N), C.view(b, G, N), self.D
+                )
+                cache.store(conv_state, ssm_state)
+                ys.append(y_i)
+            y = torch.stack(ys, dim=1)
         else:
-            xBC, conv_state = causal_conv1d(xBC, weight, bias, None if cache is None else cache.conv)
+            initial_conv, initial_ssm = (None, None) if cache is None else cache.read()
+            xBC, conv_state = causal_conv1d(xBC, weight, bias, initial_conv)
             x, B, C = xBC.split([cfg.mamba_inner, G * N, G * N], dim=-1)
             y, ssm_state = ssd_chunk_scan(
                 x.view(b, t, H, P), dt, A, B.view(b, t, G, N), C.view(b, t, G, N), self.D,
-                cfg.chunk_size, None if cache is None else cache.ssm,
+                cfg.chunk_size, initial_ssm,
             )
-        if cache is not None:
-            cache.store(conv_state, ssm_state)
+            if cache is not None:
+                cache.store(conv_state, ssm_state)
         y = self.norm(y.reshape(b, t, -1), z, u.dtype)
         return self.out_proj(y)

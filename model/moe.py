@@ -48,6 +48,12 @@ class Experts(nn.Module):
 
     def forward(self, x: torch.Tensor, chosen: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """x (tokens, l); each token's k copies run through their experts, weighted and summed in fp32."""
+        if torch.compiler.is_compiling() and not torch.is_grad_enabled():
+            # Compiled decode (model.engine): grouping by expert has data-dependent sizes, which a compiled graph
+            # cannot hold; for the few tokens of a decode step, gathering each copy's expert weights is static.
+            h = relu2(self.up_proj[chosen] @ x[:, None, :, None])  # (tokens, k, m, 1)
+            out = (self.down_proj[chosen] @ h).squeeze(-1).float()  # (tokens, k, l)
+            return (out * weights[..., None]).sum(1).to(x.dtype)
         k = chosen.shape[1]
         order, counts = group_by_expert(chosen, self.up_proj.shape[0])
         token = order // k

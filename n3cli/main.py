@@ -16,7 +16,7 @@ from typing import Annotated
 import typer
 
 from model.errors import UserError
-from n3cli import __version__, presets, pretrain
+from n3cli import __version__, presets, pretrain, serve
 from n3cli.options import Debug
 
 # Subcommand -> a plain function (one command) or a Typer app (a group such as `presets`). A new subcommand is a
@@ -25,6 +25,7 @@ from n3cli.options import Debug
 COMMANDS: dict[str, Callable | typer.Typer] = {
     "presets": presets.app,
     "pretrain": pretrain.run,
+    "serve": serve.run,
 }
 
 app = typer.Typer(

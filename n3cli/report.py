@@ -55,3 +55,20 @@ def print_plan(plan: Plan) -> None:
         f" gradients and Adam state (activations come on top)\n"
         f"kernels: " + ", ".join(f"{op} {name}" for op, name in vars(cfg.kernels).items())
     )
+
+
+def print_serve_plan(plan) -> None:
+    """What `n3 serve` would load and preallocate (stages.serve.ServePlan)."""
+    engine, model = plan.engine, plan.model
+    context = engine.max_len or model.max_position_embeddings
+    console.print(
+        f"[bold]{plan.model_name}[/]: {plan.checkpoint}\n"
+        f"model: pattern {model.pattern}, hidden {model.hidden_size}, vocab {model.vocab_size}; weights in {plan.dtype}"
+        f" {human(plan.weight_bytes, 'B')}\n"
+        f"engine: {engine.max_batch} requests x {context} tokens of context, {engine.max_step_tokens} tokens per step,"
+        f" MTP speculation {engine.speculative_tokens or 'off'}"
+        + (f" ({engine.speculative_tokens} drafts)" if engine.speculative_tokens else "")
+        + f", SSM state {engine.ssm_dtype}"
+        + (" with stochastic rounding" if engine.ssm_dtype != "fp32" and engine.stochastic_rounding else "")
+        + f"\ncaches (preallocated): {human(plan.cache_bytes, 'B')}"
+    )

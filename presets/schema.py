@@ -17,6 +17,8 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "precision.compute": ("fp32", "bf16", "fp8", "nvfp4"),
     "parallel.strategy": ("none", "ddp", "fsdp"),
     **{f"kernels.{op}": names for op, names in KERNEL_CHOICES.items()},
+    "serve.dtype": ("auto", "fp32", "bf16"),
+    "serve.ssm_cache_dtype": ("fp32", "bf16", "fp16"),
 }
 
 
@@ -73,6 +75,26 @@ class KernelConfig:
 
 
 @dataclass
+class ServeConfig:
+    """The inference engine behind `n3 serve` (model.engine.EngineConfig)."""
+
+    max_batch: int = 16
+    """Requests decoded together (cache rows); more wait in a queue."""
+    max_len: int = 0
+    """Context per request, prompt + generated tokens; 0: the checkpoint's max_position_embeddings."""
+    max_step_tokens: int = 0
+    """Tokens fed to the model per step (decodes first, prompt chunks fill the rest); 0: 512 more than the decodes."""
+    speculative_tokens: int = 0
+    """MTP self-speculation: draft tokens per step; 0 is off. Needs a checkpoint with an MTP head."""
+    ssm_cache_dtype: str = "fp32"
+    """Mamba SSM state cache dtype: fp32 | bf16 | fp16."""
+    ssm_stochastic_rounding: bool = True
+    """Round a bf16 / fp16 SSM state stochastically (unbiased) instead of to nearest."""
+    dtype: str = "auto"
+    """Weights and activations: auto (as the checkpoint stores them) | fp32 | bf16."""
+
+
+@dataclass
 class RunConfig:
     name: str = "cpu"
     description: str = ""
@@ -83,3 +105,4 @@ class RunConfig:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     kernels: KernelConfig = field(default_factory=KernelConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)

@@ -1,0 +1,433 @@
+"""The engine: continuous batching over a HybridCache, chunked prefill, sampling, MTP self-speculation.
+
+Each `step()`:
+1. admits waiting requests while cache rows are free;
+2. decodes every request past its prompt in one forward: the pending token plus, with speculation, k MTP drafts;
+   verifies the drafts (greedy or rejection sampling), keeps the accepted ones, and rewinds KV lengths and Mamba
+   states of each row to its last accepted token;
+3. spends what is left of `max_step_tokens` on prompt chunks of the requests still prefilling, oldest first;
+4. refreshes the MTP cache on the new positions and drafts the next k tokens (speculation only);
+5. returns one Delta per request that produced something, and frees the rows of finished requests.
+
+MTP drafting (one weight set applied recursively): the MTP cache holds, for every position i, the MTP block's
+attention input built from (main hidden h_i, embedding of token i+1). Depth 1 of the draft is the MTP output at the
+last position; depth j > 1 feeds the previous depth's hidden and draft token one position further, and those
+speculative MTP positions are dropped afterwards (the next step rewrites them from real hidden states).
+"""
+
+from __future__ import annotations
+
+import itertools
+import random
+from collections import deque
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+
+from model.cache import HybridCache
+from model.engine.params import EngineConfig, SamplingParams
+from model.engine.reasoning import Thinking
+from model.engine.sampling import filtered_probs, greedy_accept, logprobs_of, sample, speculative_accept
+from model.engine.sequence import Completion, Delta, Sequence
+from model.hybrid import NemotronH
+from model.tokenizer import Tokenizer, thinking_enabled
+
+SSM_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class PromptTooLong(ValueError):
+    """The prompt (plus max_tokens) does not fit the engine's context length."""
+
+
+@dataclass
+class EngineStats:
+    """Counters since the engine started (what a server exports as metrics)."""
+
+    steps: int = 0
+    prompt_tokens: int = 0
+    generated_tokens: int = 0
+    finished: dict[str, int] = field(default_factory=dict)
+    """Finished requests by finish_reason."""
+    decode_rows: int = 0
+    """Sum over steps of the requests decoded together (mean batch size = decode_rows / decode_steps)."""
+    decode_steps: int = 0
+    proposed: list[int] = field(default_factory=list)
+    """Per draft depth: drafts verified."""
+    accepted: list[int] = field(default_factory=list)
+    """Per draft depth: drafts accepted."""
+
+    @property
+    def mean_batch(self) -> float:
+        return self.decode_rows / max(self.decode_steps, 1)
+
+    @property
+    def acceptance_rate(self) -> list[float]:
+        """Per draft depth: the fraction of drafts accepted."""
+        return [a / max(p, 1) for a, p in zip(self.accepted, self.proposed)]
+
+    @property
+    def mean_acceptance_length(self) -> float:
+        """Tokens produced per verification (accepted drafts + the target's own token); 1.0 without speculation."""
+        return 1 + sum(self.accepted) / max(self.decode_rows, 1)
+
+
+class Engine:
+    """Serve many requests at once from one model, in-process.
+
+        engine = Engine(model, tokenizer, EngineConfig(max_batch=8, speculative_tokens=3))
+        [c.text for c in engine.generate(["Once upon a time"], SamplingParams(max_tokens=32, temperature=0))]
+        engine.chat([[{"role": "user", "content": "hi /no_think"}]], SamplingParams(max_tokens=64))
+        for delta in engine.stream([1, 2, 3], SamplingParams(max_tokens=8)): print(delta.token_ids)
+        engine.loglikelihood([(context_ids, continuation_ids)])  # [(sum of log-probs, is greedy)]
+
+    Lower level, for a server or a trainer driving many requests: `submit` (returns a request id), `step` (one
+    iteration; returns Deltas), `abort`, `has_work`. Prompts are token ids, text (needs a tokenizer) or chat messages
+    (`submit(messages=...)`: Nemotron chat template, reasoning on unless /no_think, the chat end token stops).
+    Not thread-safe: one thread drives it (model.engine.background runs it for servers).
+    """
+
+    def __init__(self, model: NemotronH, tokenizer: Tokenizer | None = None, config: EngineConfig | None = None):
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.config = config = config or EngineConfig()
+        cfg = model.config
+        self.k = config.speculative_tokens
+        if self.k and model.mtp is None:
+            raise ValueError("speculative decoding drafts with the MTP head; this model has none")
+        if self.k and "M" in cfg.mtp_pattern:
+            raise ValueError("speculative decoding supports MTP blocks without Mamba sublayers (Nemotron 3: '*E')")
+        self.max_len = config.max_len or cfg.max_position_embeddings
+        self.vocab_size = cfg.vocab_size
+        self.device = model.lm_head.weight.device
+        dtype = model.lm_head.weight.dtype
+        room = self.max_len + self.k + 1  # verification and drafting write up to k positions past the last token
+        self.cache = HybridCache(
+            cfg, config.max_batch, room, dtype, self.device, SSM_DTYPES[config.ssm_dtype],
+            config.stochastic_rounding, config.seed,
+        )
+        self.mtp_cache = (
+            HybridCache(cfg, config.max_batch, room, dtype, self.device, pattern=cfg.mtp_pattern) if self.k else None
+        )
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.requests: dict[str, Sequence] = {}
+        self.stats = EngineStats(proposed=[0] * self.k, accepted=[0] * self.k)
+        self._seeds = random.Random(config.seed)
+        self._ids = itertools.count()
+        self._newline: dict[int, bool] = {}
+
+    # --- requests ---------------------------------------------------------------------------------------------------
+    def submit(
+        self,
+        prompt: list[int] | str | None = None,
+        params: SamplingParams | None = None,
+        *,
+        messages: list[dict] | None = None,
+        request_id: str | None = None,
+    ) -> str:
+        """Queue a request: `prompt` (token ids or text) or `messages` (chat). Returns its id. Raises ValueError for
+        an invalid request (PromptTooLong when it does not fit the context) before anything is queued."""
+        return self.add(self.make_request(prompt, params, messages=messages, request_id=request_id))
+
+    def make_request(
+        self,
+        prompt: list[int] | str | None = None,
+        params: SamplingParams | None = None,
+        *,
+        messages: list[dict] | None = None,
+        request_id: str | None = None,
+    ) -> Sequence:
+        """Check and tokenize a request without queueing it (safe from another thread); `add` queues it."""
+        params = params or SamplingParams()
+        params.validate(self.vocab_size)
+        if (prompt is None) == (messages is None):
+            raise ValueError("give either a prompt or chat messages")
+        if (messages is not None or isinstance(prompt, str) or params.stop) and self.tokenizer is None:
+            raise ValueError("text prompts, chat messages and stop strings need an engine with a tokenizer")
+        tok = self.tokenizer
+        thinking = None
+        stop_ids = set(params.stop_token_ids)
+        if messages is not None:
+            ids = tok.encode_chat(messages)
+            if not params.ignore_eos:
+                stop_ids |= {t for t in (tok.im_end_id, tok.eos_id) if t is not None}
+            if thinking_enabled(messages) and tok.end_think_id is not None:
+                thinking = Thinking(tok.end_think_id, params.max_thinking_tokens, params.thinking_grace, self._has_newline)
+        else:
+            ids = tok.encode(prompt) if isinstance(prompt, str) else list(prompt)
+            if not params.ignore_eos and tok is not None and tok.eos_id is not None:
+                stop_ids.add(tok.eos_id)
+        if not ids:
+            raise ValueError("the prompt is empty")
+        if not all(isinstance(t, int) and 0 <= t < self.vocab_size for t in ids):
+            raise ValueError(f"prompt token ids must be integers in [0, {self.vocab_size})")
+        max_tokens = self.max_len - len(ids) if params.max_tokens is None else params.max_tokens
+        if len(ids) + max(max_tokens, 1 if params.max_tokens is None else 0) > self.max_len:
+            raise PromptTooLong(
+                f"this model's context is {self.max_len} tokens; the prompt has {len(ids)}"
+                + (f" and max_tokens asks for {params.max_tokens} more" if params.max_tokens else "")
+            )
+        seed = params.seed if params.seed is not None else self._seeds.getrandbits(63)
+        generator = torch.Generator().manual_seed(seed)
+        request_id = request_id or f"req-{next(self._ids)}"
+        return Sequence(request_id, ids, params, max_tokens, stop_ids, tok, generator, thinking)
+
+    def add(self, seq: Sequence) -> str:
+        """Queue a request made by make_request."""
+        if seq.request_id in self.requests:
+            raise ValueError(f"request id {seq.request_id!r} is already in use")
+        self.requests[seq.request_id] = seq
+        self.waiting.append(seq)
+        return seq.request_id
+
+    def abort(self, request_id: str) -> None:
+        """Cancel a request; its last Delta (finish_reason "abort") comes from the next step. Unknown ids are ignored."""
+        seq = self.requests.get(request_id)
+        if seq is not None:
+            seq.finish("abort")
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.requests)
+
+    def cache_usage(self) -> dict[str, float]:
+        """rows, rows_in_use, token_fraction (positions holding tokens / positions), bytes (KV, states, MTP cache)."""
+        rows = len(self.cache.lengths)
+        held = sum(s.prefilled + len(s.tokens) for s in list(self.running) if s.slot is not None)
+        caches = [self.cache] + ([self.mtp_cache] if self.mtp_cache is not None else [])
+        return {"rows": rows, "rows_in_use": self.cache.rows_in_use, "token_fraction": held / (rows * self.max_len),
+                "bytes": sum(c.nbytes() for c in caches)}
+
+    # --- the loop ---------------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def step(self) -> list[Delta]:
+        """One iteration of the batch (see the module docstring). Returns the Deltas of this step."""
+        self._admit()
+        decoding = [s for s in self.running if s.decoding]
+        if decoding:
+            self._decode(decoding)
+        budget = self.config.max_step_tokens - len(decoding) * (1 + self.k)
+        chunks: dict[int, list[Sequence]] = {}  # prompt chunks of equal length run as one forward
+        for seq in [s for s in self.running if s.prompt_left and s.finish_reason is None]:
+            if budget <= 0:
+                break
+            n = min(budget, seq.prompt_left)
+            chunks.setdefault(n, []).append(seq)
+            budget -= n
+        for n, seqs in chunks.items():
+            self._prefill(seqs, n)
+        self.stats.steps += 1
+        return self._collect()
+
+    def _admit(self) -> None:
+        for seq in [s for s in self.waiting if s.finish_reason is not None]:  # aborted while waiting
+            self.waiting.remove(seq)
+            self.running.append(seq)  # only to hand out its last delta
+        while self.waiting and self.cache.free:
+            seq = self.waiting.popleft()
+            seq.slot = self.cache.take()
+            if self.mtp_cache is not None:
+                self.mtp_cache.reset(seq.slot)
+            self.running.append(seq)
+
+    def _collect(self) -> list[Delta]:
+        deltas = []
+        for seq in list(self.running):
+            delta = seq.delta()
+            if delta is not None:
+                deltas.append(delta)
+            if seq.finish_reason is not None:
+                self.running.remove(seq)
+                del self.requests[seq.request_id]
+                if seq.slot is not None:
+                    self.cache.release(seq.slot)
+                self.stats.finished[seq.finish_reason] = self.stats.finished.get(seq.finish_reason, 0) + 1
+                self.stats.generated_tokens += len(seq.tokens)
+        return deltas
+
+    def _prefill(self, seqs: list[Sequence], n: int) -> None:
+        """Feed the next n prompt tokens of each sequence; those that finish their prompt get their first token."""
+        starts = [s.prefilled for s in seqs]
+        ids = torch.tensor([s.prompt[i : i + n] for s, i in zip(seqs, starts)], device=self.device)
+        h = self.model.model(ids, self.cache.select([s.slot for s in seqs]))
+        self.cache.advance(n)
+        # The token after each fed position, where the prompt knows it.
+        following = [s.prompt[i + 1 : i + n + 1] for s, i in zip(seqs, starts)]
+        for row, seq in enumerate(seqs):
+            seq.prefilled += n
+            self.stats.prompt_tokens += n
+            if seq.prompt_logprobs is not None:
+                logits = self.model.logits(h[row, : len(following[row])])
+                targets = torch.tensor(following[row], device=self.device)
+                seq.prompt_logprobs += logprobs_of(logits, targets, seq.params.prompt_logprobs)
+        for seq in seqs:
+            if not seq.prompt_left and seq.max_tokens == 0:  # scoring only
+                seq.finish("length")
+        done = [row for row, s in enumerate(seqs) if not s.prompt_left and s.finish_reason is None]
+        if done:
+            logits = self.model.logits(h[done, -1:])
+            _, tokens = self._accept([seqs[row] for row in done], logits)
+            for i, row in enumerate(done):
+                seqs[row].append(tokens[i : i + 1], logits[i])
+                following[row] = following[row] + seqs[row].tokens[-1:]
+        if self.k:
+            alive = [row for row, s in enumerate(seqs) if s.finish_reason is None]
+            if alive:
+                last = self._mtp_forward(
+                    [seqs[row] for row in alive], h[alive], torch.tensor([following[row] for row in alive], device=self.device)
+                )
+                drafting = [i for i, row in enumerate(alive) if row in done]
+                if drafting:
+                    self._draft([seqs[alive[i]] for i in drafting], last[drafting])
+
+    def _decode(self, seqs: list[Sequence]) -> None:
+        k = self.k
+        fed = torch.tensor([s.tokens[-1:] + s.drafts for s in seqs], device=self.device)  # (b, 1 + k)
+        h = self.model.model(fed, self.cache.select([s.slot for s in seqs], keep_positions=k > 0))
+        self.cache.advance(1 + k)
+        logits = self.model.logits(h)
+        accepted, final = self._accept(seqs, logits)
+        kept = [s.append(s.drafts[:a] + [f], logits[i]) for i, (s, a, f) in enumerate(zip(seqs, accepted, final))]
+        self.stats.decode_steps += 1
+        self.stats.decode_rows += len(seqs)
+        for depth in range(k):
+            self.stats.proposed[depth] += len(seqs)
+            self.stats.accepted[depth] += sum(a > depth for a in accepted)
+        if not k:
+            return
+        self.cache.rewind(torch.tensor(kept, device=self.device), 1 + k)
+        alive = [i for i, s in enumerate(seqs) if s.finish_reason is None]
+        if alive:
+            # MTP position i pairs h_i with the token that follows it: the kept tokens (padding past them is unused).
+            following = torch.tensor(
+                [seqs[i].tokens[-kept[i] :] + [0] * (1 + k - kept[i]) for i in alive], device=self.device
+            )
+            kept_alive = torch.tensor([kept[i] for i in alive], device=self.device)
+            last = self._mtp_forward([seqs[i] for i in alive], h[alive], following, kept_alive)
+            self._draft([seqs[i] for i in alive], last)
+
+    # --- MTP drafting -----------------------------------------------------------------------------------------------
+    def _mtp_forward(
+        self, seqs: list[Sequence], h: torch.Tensor, following: torch.Tensor, kept: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Write MTP cache positions for main hiddens h (b, t, d) and their following tokens (b, t); keep the first
+        kept[i] (default all). Returns the MTP hidden at each row's last kept position (b, d): depth 1 of the draft."""
+        t = h.shape[1]
+        cache = self.mtp_cache.select([s.slot for s in seqs])
+        out = self.model.mtp(h, self.model.model.embeddings(following), cache.layers)
+        cache.advance(t)
+        if kept is None:
+            kept = torch.full((len(seqs),), t, device=self.device)
+        else:
+            cache.rewind(kept, t)
+        return out[torch.arange(len(seqs), device=self.device), kept - 1]
+
+    def _draft(self, seqs: list[Sequence], hidden: torch.Tensor) -> None:
+        """Draft k tokens per row from depth-1 MTP hiddens (b, d), applying the MTP block recursively."""
+        cache = self.mtp_cache.select([s.slot for s in seqs])
+        lengths = cache.lengths[cache.active].clone()
+        tokens, probs = [], []
+        for depth in range(self.k):
+            token, prob = self._draw(seqs, self.model.logits(hidden))
+            tokens.append(token)
+            probs.append(prob)
+            if depth + 1 < self.k:
+                emb = self.model.model.embeddings(token[:, None])
+                hidden = self.model.mtp(hidden[:, None], emb, cache.layers)[:, 0]
+                cache.advance(1)
+        cache.lengths[cache.active] = lengths  # the speculative MTP positions are rewritten next step
+        drafts = torch.stack(tokens, 1).tolist()
+        for i, seq in enumerate(seqs):
+            seq.drafts = drafts[i]
+            seq.draft_probs = None if probs[0] is None or seq.params.greedy else torch.stack([p[i] for p in probs])
+
+    # --- sampling ---------------------------------------------------------------------------------------------------
+    def _draw(self, seqs: list[Sequence], logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """One token per row from logits (b, V) with each request's settings; also the sampling distributions
+        (b, V) when any row samples (rows that are greedy hold unused values)."""
+        tokens = logits.argmax(-1)
+        sampled = [i for i, s in enumerate(seqs) if not s.params.greedy]
+        if not sampled:
+            return tokens, None
+        probs = self._filtered(seqs, logits)
+        uniforms = self._uniforms([seqs[i] for i in sampled], 1)[:, 0]
+        tokens[sampled] = sample(probs[sampled], uniforms)
+        return tokens, probs
+
+    def _accept(self, seqs: list[Sequence], logits: torch.Tensor) -> tuple[list[int], list[int]]:
+        """Verify each row's drafts against logits (b, 1 + k, V) of the positions fed. Returns per row the number of
+        drafts accepted and the token that follows them (the target's correction, or a bonus when all pass)."""
+        k = logits.shape[1] - 1
+        drafts = torch.tensor([s.drafts[:k] for s in seqs], dtype=torch.long, device=self.device).view(len(seqs), k)
+        accepted, final = greedy_accept(drafts, logits)
+        sampled = [i for i, s in enumerate(seqs) if not s.params.greedy]
+        if sampled:
+            rows = [seqs[i] for i in sampled]
+            target = self._filtered(rows, logits[sampled])
+            draft_probs = (
+                torch.stack([s.draft_probs[:k] for s in rows]) if k else target.new_zeros(len(rows), 0, target.shape[-1])
+            )
+            a, f = speculative_accept(drafts[sampled], draft_probs, target, self._uniforms(rows, k + 1))
+            accepted[sampled], final[sampled] = a, f
+        return accepted.tolist(), final.tolist()
+
+    def _filtered(self, seqs: list[Sequence], logits: torch.Tensor) -> torch.Tensor:
+        settings = torch.tensor(
+            [(s.params.temperature or 1.0, s.params.top_k, s.params.top_p) for s in seqs], device=self.device
+        )
+        return filtered_probs(logits, settings[:, 0], settings[:, 1].long(), settings[:, 2])
+
+    def _uniforms(self, seqs: list[Sequence], n: int) -> torch.Tensor:
+        """(b, n) uniforms, each row from its request's own generator (so a seed fixes a request's samples)."""
+        return torch.stack([torch.rand(n, generator=s.generator) for s in seqs]).to(self.device)
+
+    def _has_newline(self, token: int) -> bool:
+        if token not in self._newline:
+            self._newline[token] = "\n" in self.tokenizer.decode([token])
+        return self._newline[token]
+
+    # --- conveniences -----------------------------------------------------------------------------------------------
+    def run(self, request_ids: list[str]) -> list[Completion]:
+        """Step until the given requests finish (others progress alongside); their Completions, in order."""
+        seqs = [self.requests[r] for r in request_ids]
+        while any(r in self.requests for r in request_ids):
+            self.step()
+        return [s.completion() for s in seqs]
+
+    def generate(
+        self, prompts: list[list[int] | str], params: SamplingParams | list[SamplingParams] | None = None
+    ) -> list[Completion]:
+        """Complete every prompt (token ids or text), batched; one SamplingParams for all or one per prompt."""
+        per_prompt = params if isinstance(params, list) else [params] * len(prompts)
+        return self.run([self.submit(p, sp) for p, sp in zip(prompts, per_prompt)])
+
+    def chat(
+        self, conversations: list[list[dict]], params: SamplingParams | list[SamplingParams] | None = None
+    ) -> list[Completion]:
+        """Answer every conversation (lists of {"role", "content"}); reasoning comes apart in Completion.reasoning."""
+        per_chat = params if isinstance(params, list) else [params] * len(conversations)
+        return self.run([self.submit(messages=m, params=sp) for m, sp in zip(conversations, per_chat)])
+
+    def stream(self, prompt: list[int] | str, params: SamplingParams | None = None) -> Iterator[Delta]:
+        """Deltas of one request as they are produced (other queued requests progress alongside)."""
+        request_id = self.submit(prompt, params)
+        while True:
+            for delta in self.step():
+                if delta.request_id == request_id:
+                    yield delta
+                    if delta.finish_reason is not None:
+                        return
+
+    def loglikelihood(self, pairs: list[tuple[list[int], list[int]]]) -> list[tuple[float, bool]]:
+        """For each (context ids, continuation ids): log P(continuation | context) under the model, and whether the
+        continuation is what greedy decoding would produce (lm-eval's loglikelihood)."""
+        params = SamplingParams(max_tokens=0, prompt_logprobs=1)
+        if any(not context for context, _ in pairs):
+            raise ValueError("each context needs at least one token (the first token has no log-probability)")
+        done = self.run([self.submit(list(context) + list(cont), params) for context, cont in pairs])
+        results = []
+        for (context, cont), completion in zip(pairs, done):
+            scored = completion.prompt_logprobs[len(context) :]
+            results.append((sum(t.logprob for t in scored), all(t.top[0][0] == t.token_id for t in scored)))
+        return results

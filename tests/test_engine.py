@@ -1,0 +1,319 @@
+"""The inference engine against the model itself: greedy decoding equals a naive full-forward argmax loop under
+continuous batching and chunked prefill; MTP speculation changes nothing under greedy and keeps the model's
+distribution under sampling; logprobs, stops, seeds, cancellation, reasoning budget, low-precision SSM state."""
+
+import math
+import threading
+
+import pytest
+import torch
+
+import model as n3
+from model.cache import HybridCache
+from model.engine import Engine, EngineConfig, PromptTooLong, SamplingParams
+from model.engine.background import BackgroundEngine
+from model.engine.reasoning import Thinking
+from model.engine.sampling import filtered_probs, sample
+from model.mamba2 import Mamba2Mixer
+from tests.test_model import tiny_config
+
+GREEDY = SamplingParams(temperature=0, max_tokens=12)
+
+
+def random_model(vocab_size: int = 64, seed: int = 0, scale: float = 8.0, **overrides) -> n3.NemotronH:
+    """A tiny model with MTP whose weights are scaled up, so its next-token distributions are peaked enough for
+    greedy outputs that vary with the context (the default init is nearly uniform)."""
+    torch.manual_seed(seed)
+    model = n3.build(tiny_config(vocab_size=vocab_size, **overrides)).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() >= 2:
+                p.mul_(scale)
+    return model
+
+
+@pytest.fixture(scope="module")
+def model():
+    return random_model()
+
+
+@pytest.fixture(scope="module")
+def small_vocab():
+    """Six tokens: MTP drafts of a random model are often right, so acceptance and rejection both happen."""
+    return random_model(vocab_size=6, scale=5.0)
+
+
+def naive_greedy(model, prompt: list[int], n: int) -> list[int]:
+    ids = list(prompt)
+    with torch.no_grad():
+        for _ in range(n):
+            ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
+    return ids[len(prompt):]
+
+
+PROMPTS = [[1, 2, 3, 4, 5], [7] * 11, [9, 3], list(range(20, 37)), [5, 40, 41, 2, 8, 8, 30, 1, 9]]
+
+
+def test_greedy_equals_naive_loop_with_joins_and_chunked_prefill(model):
+    """Three cache rows for six requests (later ones join as others finish, reusing rows), prompt chunks of at most
+    four tokens per step, different max_tokens, and one request submitted while the others are mid-flight."""
+    lengths = [12, 5, 9, 12, 3]
+    engine = Engine(model, config=EngineConfig(max_batch=3, max_len=40, max_step_tokens=7))
+    ids = [engine.submit(p, SamplingParams(temperature=0, max_tokens=n)) for p, n in zip(PROMPTS, lengths)]
+    for _ in range(4):
+        engine.step()
+    late = [3, 14, 15, 9, 26, 50, 61]
+    ids.append(engine.submit(late, SamplingParams(temperature=0, max_tokens=10)))
+    done = engine.run(ids)
+    for prompt, n, completion in zip(PROMPTS + [late], lengths + [10], done):
+        assert completion.token_ids == naive_greedy(model, prompt, n)
+        assert completion.finish_reason == "length"
+    assert engine.stats.mean_batch > 1.5 and sorted(engine.cache.free) == [0, 1, 2]
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_speculative_greedy_equals_plain_greedy(small_vocab, k):
+    prompts = [[1, 2, 3], [4, 4, 0, 1, 5, 2, 3], [0], [5, 1, 1, 2]]
+    params = SamplingParams(temperature=0, max_tokens=20)
+    plain = Engine(small_vocab, config=EngineConfig(max_batch=3, max_len=32)).generate(prompts, params)
+    engine = Engine(small_vocab, config=EngineConfig(max_batch=3, max_len=32, speculative_tokens=k))
+    spec = engine.generate(prompts, params)
+    assert [c.token_ids for c in spec] == [c.token_ids for c in plain]
+    stats = engine.stats
+    assert stats.proposed == [stats.decode_rows] * k
+    assert stats.accepted[0] > 0 and stats.accepted[0] < stats.proposed[0]  # both paths taken
+    assert all(a >= b for a, b in zip(stats.accepted, stats.accepted[1:]))  # depth j needs depth j-1
+    steps_saved = sum(len(c.token_ids) for c in spec) - stats.decode_rows - len(prompts)
+    assert math.isclose(stats.mean_acceptance_length, 1 + steps_saved / stats.decode_rows) and steps_saved > 0
+
+
+def exact_joint(model, prompt: list[int]) -> torch.Tensor:
+    """P(t1, t2 | prompt) over the whole (tiny) vocabulary, from full forwards."""
+    with torch.no_grad():
+        first = model(torch.tensor([prompt]))[0, -1].softmax(-1)
+        v = first.shape[0]
+        second = model(torch.tensor([prompt + [a] for a in range(v)]))[:, -1].softmax(-1)
+    return (first[:, None] * second).flatten()
+
+
+def chi_square_p_value(counts: torch.Tensor, probs: torch.Tensor) -> float:
+    expected = probs * counts.sum()
+    stat = ((counts - expected) ** 2 / expected).sum()
+    dof = torch.tensor((len(probs) - 1) / 2, dtype=torch.float64)
+    return float(torch.special.gammaincc(dof, stat.double() / 2))
+
+
+@pytest.mark.parametrize("k", [0, 2])
+def test_sampled_tokens_follow_the_model_distribution(small_vocab, k):
+    """Pairs of sampled tokens against the exact joint distribution (36 cells, 3000 seeded samples). With k = 2
+    the second token passes through MTP drafting and rejection sampling."""
+    prompt, n = [1, 2, 3], 3000
+    engine = Engine(small_vocab, config=EngineConfig(max_batch=200, max_len=8, speculative_tokens=k))
+    done = engine.generate([prompt] * n, [SamplingParams(max_tokens=2, seed=i) for i in range(n)])
+    counts = torch.zeros(36, dtype=torch.float64)
+    for c in done:
+        counts[c.token_ids[0] * 6 + c.token_ids[1]] += 1
+    assert chi_square_p_value(counts, exact_joint(small_vocab, prompt).double()) > 0.001
+    if k:
+        assert 0 < engine.stats.accepted[0] < engine.stats.proposed[0]
+
+
+def test_a_seed_fixes_the_sample_whatever_the_batch(model):
+    params = SamplingParams(max_tokens=10, temperature=0.8, top_p=0.9, seed=1234)
+    alone = Engine(model, config=EngineConfig(max_batch=4, max_len=40)).generate([PROMPTS[0]], params)[0]
+    crowd = Engine(model, config=EngineConfig(max_batch=4, max_len=40)).generate(
+        [PROMPTS[1], PROMPTS[0], PROMPTS[2]], [SamplingParams(max_tokens=10, seed=1), params, SamplingParams(seed=2)]
+    )[1]
+    assert alone.token_ids == crowd.token_ids
+
+
+def test_temperature_top_k_top_p():
+    logits = torch.tensor([[2.0, 1.0, 0.5, 0.0, -1.0]] * 3)
+    probs = filtered_probs(logits, torch.tensor([1.0, 1.0, 0.5]), torch.tensor([2, 0, 0]), torch.tensor([1.0, 0.8, 1.0]))
+    full = logits[0].softmax(-1)
+    torch.testing.assert_close(probs[0, :2], full[:2] / full[:2].sum())
+    assert torch.all(probs[0, 2:] == 0)
+    # top_p 0.8: the smallest prefix whose mass reaches 0.8 (here the first three tokens).
+    assert (probs[1] > 0).sum() == 3 and full[:2].sum() < 0.8 <= full[:3].sum()
+    torch.testing.assert_close(probs[2], (logits[2] / 0.5).softmax(-1))
+    # Inverse-CDF draws never pick a token of probability 0.
+    draws = sample(probs[0].expand(1000, -1), torch.rand(1000))
+    assert set(draws.tolist()) == {0, 1}
+
+
+def test_logprobs_and_prompt_logprobs_match_the_full_forward(model):
+    prompt = PROMPTS[3]
+    engine = Engine(model, config=EngineConfig(max_batch=2, max_len=40, max_step_tokens=2 + 5))  # chunked prompt
+    c = engine.generate([prompt], SamplingParams(temperature=0, max_tokens=6, logprobs=3, prompt_logprobs=2))[0]
+    ids = prompt + c.token_ids
+    with torch.no_grad():
+        reference = torch.log_softmax(model(torch.tensor([ids]))[0], -1)
+    assert c.prompt_logprobs[0] is None and len(c.prompt_logprobs) == len(prompt)
+    scored = c.prompt_logprobs[1:] + c.logprobs
+    for position, entry in enumerate(scored):
+        assert entry.token_id == ids[position + 1]
+        assert math.isclose(entry.logprob, reference[position, entry.token_id].item(), abs_tol=1e-4)
+        top_ids = [t for t, _ in entry.top]
+        assert top_ids == reference[position].topk(len(top_ids)).indices.tolist()
+    assert all(len(e.top) == 3 for e in c.logprobs) and all(len(e.top) == 2 for e in c.prompt_logprobs[1:])
+    assert all(e.top[0][0] == e.token_id for e in c.logprobs)  # greedy: the chosen token is the top one
+
+
+def test_loglikelihood(model):
+    context = PROMPTS[0]
+    greedy = naive_greedy(model, context, 3)
+    other = [(greedy[0] + 1) % 64] + greedy[1:]
+    engine = Engine(model, config=EngineConfig(max_batch=2, max_len=40))
+    (lp_greedy, is_greedy), (lp_other, not_greedy) = engine.loglikelihood([(context, greedy), (context, other)])
+    with torch.no_grad():
+        logp = torch.log_softmax(model(torch.tensor([context + other]))[0], -1)
+    expected = sum(logp[len(context) - 1 + i, t].item() for i, t in enumerate(other))
+    assert is_greedy and not not_greedy and lp_greedy > lp_other
+    assert math.isclose(lp_other, expected, abs_tol=1e-4)
+
+
+def test_stop_token_ids_and_max_tokens(model):
+    engine = Engine(model, config=EngineConfig(max_batch=2, max_len=40))
+    free = engine.generate([PROMPTS[0]], GREEDY)[0]
+    stop = free.token_ids[4]
+    first = free.token_ids.index(stop)
+    stopped = engine.generate([PROMPTS[0]], SamplingParams(temperature=0, max_tokens=12, stop_token_ids=[stop]))[0]
+    assert stopped.token_ids == free.token_ids[: first + 1]
+    assert (stopped.finish_reason, stopped.stop_reason) == ("stop", stop)
+    assert free.finish_reason == "length" and len(free.token_ids) == 12
+
+
+@pytest.fixture(scope="module")
+def text_model(tokenizer):
+    return random_model(vocab_size=tokenizer.vocab_size, scale=4.0), tokenizer
+
+
+def test_stop_strings_cut_the_text_and_streaming_holds_them_back(text_model):
+    model, tokenizer = text_model
+    engine = Engine(model, tokenizer, EngineConfig(max_batch=2, max_len=64))
+    prompt = "The grass is green."
+    free = engine.generate([prompt], SamplingParams(temperature=0, max_tokens=24))[0]
+    assert free.text == tokenizer.decode(free.token_ids, skip_special=True) and len(free.text) > 8
+    stop = free.text[5:8]
+    params = SamplingParams(temperature=0, max_tokens=24, stop=[stop, "never appears"])
+    stopped = engine.generate([prompt], params)[0]
+    assert stopped.text == free.text[: free.text.index(stop)]
+    assert (stopped.finish_reason, stopped.stop_reason) == ("stop", stop)
+    deltas = list(engine.stream(prompt, params))
+    assert "".join(d.text for d in deltas) == stopped.text and deltas[-1].finish_reason == "stop"
+
+
+def test_abort_frees_the_row_and_others_finish(model):
+    engine = Engine(model, config=EngineConfig(max_batch=2, max_len=40))
+    keep = engine.submit(PROMPTS[0], GREEDY)
+    drop = engine.submit(PROMPTS[1], GREEDY)
+    queued = engine.submit(PROMPTS[2], GREEDY)  # waits for a row
+    for _ in range(3):
+        engine.step()
+    engine.abort(drop)
+    engine.abort(queued)
+    deltas = engine.step()
+    finished = {d.request_id: d.finish_reason for d in deltas if d.finish_reason}
+    assert finished == {drop: "abort", queued: "abort"}
+    assert engine.run([keep])[0].token_ids == naive_greedy(model, PROMPTS[0], 12)
+    assert not engine.has_work and sorted(engine.cache.free) == [0, 1]
+
+
+def test_thinking_budget_rule():
+    newline = {7}
+    thinking = Thinking(end_id=99, budget=3, grace=2, has_newline=lambda t: t in newline)
+    for token in [1, 7]:  # a newline before the budget does not end the thought
+        thinking.observe(token)
+        assert not thinking.force_end
+    thinking.observe(2)  # the budget is reached on a token without a newline
+    assert not thinking.force_end
+    thinking.observe(7)  # ... and the next newline ends the thought
+    assert thinking.force_end
+    graceless = Thinking(end_id=99, budget=2, grace=2, has_newline=lambda t: False)
+    for token in [1, 2, 3]:
+        graceless.observe(token)
+        assert not graceless.force_end
+    graceless.observe(4)  # budget 2 + grace 2, no newline: forced anyway
+    assert graceless.force_end
+    graceless.observe(99)
+    assert not graceless.active and not graceless.force_end
+    assert Thinking(end_id=99, budget=0, grace=5, has_newline=lambda t: False).force_end
+
+
+def test_chat_reasoning_budget_and_split(text_model):
+    model, tokenizer = text_model
+    engine = Engine(model, tokenizer, EngineConfig(max_batch=2, max_len=96, speculative_tokens=2))
+    messages = [{"role": "user", "content": "Where is the sun?"}]
+    params = SamplingParams(temperature=0, max_tokens=30, max_thinking_tokens=4, thinking_grace=3, ignore_eos=True)
+    c = engine.chat([messages], params)[0]
+    end = c.token_ids.index(tokenizer.end_think_id)
+    assert 4 <= end <= 7  # the budget, then at most the grace
+    assert c.reasoning == tokenizer.decode(c.token_ids[:end], skip_special=True)
+    assert c.text == tokenizer.decode(c.token_ids[end + 1 :], skip_special=True)
+    off = engine.chat([[{"role": "user", "content": "Where is the sun? /no_think"}]], SamplingParams(max_tokens=5))[0]
+    assert off.reasoning is None and tokenizer.end_think_id not in off.token_ids[:1]
+
+
+def test_invalid_requests_are_refused_before_queueing(model):
+    engine = Engine(model, config=EngineConfig(max_batch=2, max_len=16))
+    with pytest.raises(PromptTooLong):
+        engine.submit(list(range(10)), SamplingParams(max_tokens=7))
+    with pytest.raises(PromptTooLong):
+        engine.submit(list(range(16)))
+    for bad in [dict(prompt=[]), dict(prompt=[64]), dict(prompt="text needs a tokenizer"),
+                dict(prompt=[1], params=SamplingParams(top_p=0)), dict(prompt=[1], params=SamplingParams(temperature=-1))]:
+        with pytest.raises(ValueError):
+            engine.submit(**bad)
+    assert not engine.has_work
+    with pytest.raises(ValueError, match="MTP"):
+        Engine(random_model(pattern="M*E"), config=EngineConfig(speculative_tokens=2))
+
+
+def test_background_engine_serves_threads(model):
+    background = BackgroundEngine(Engine(model, config=EngineConfig(max_batch=3, max_len=40))).start()
+    results: dict[int, list] = {}
+    done = threading.Event()
+
+    def on_delta(i):
+        def receive(delta):
+            results.setdefault(i, []).extend(delta.token_ids)
+            if delta.finish_reason and len([r for r in results.values()]) == len(PROMPTS):
+                done.set()
+        return receive
+
+    threads = [threading.Thread(target=background.submit, args=(on_delta(i), p, GREEDY)) for i, p in enumerate(PROMPTS)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    background.stop(drain=True, timeout=60)  # returns once every request in flight has finished
+    assert [results[i] for i in range(len(PROMPTS))] == [naive_greedy(model, p, 12) for p in PROMPTS]
+    with pytest.raises(RuntimeError):
+        background.submit(lambda d: None, PROMPTS[0], GREEDY)
+
+
+def test_fp16_stochastic_rounding_stays_closer_to_fp32():
+    """A Mamba state that decays slowly (dt |A| = 1e-4) under coherent inputs: each step's change is below half an
+    fp16 ulp of the state, so round-to-nearest drifts; stochastic rounding stays unbiased."""
+    torch.manual_seed(0)
+    cfg = tiny_config(pattern="M")
+    mixer = Mamba2Mixer(cfg).eval()
+    with torch.no_grad():
+        for p in mixer.parameters():
+            p.normal_(std=0.3)
+        mixer.A_log.fill_(math.log(0.1))
+        mixer.dt_bias.fill_(math.log(math.expm1(1e-3)))
+    steps, rows = 2500, 8
+    g = torch.Generator().manual_seed(1)
+    inputs = 0.3 * torch.randn(steps, rows, 1, cfg.hidden_size, generator=g) + torch.randn(rows, 1, cfg.hidden_size, generator=g)
+
+    def final_state(dtype, stochastic):
+        cache = HybridCache(cfg, rows, 4, ssm_dtype=dtype, stochastic_rounding=stochastic, seed=3)
+        with torch.no_grad():
+            for u in inputs:
+                mixer(u, cache.layers[0])
+        return cache.layers[0].ssm.float()
+
+    reference = final_state(torch.float32, False)
+    error = {sr: ((final_state(torch.float16, sr) - reference).norm() / reference.norm()).item() for sr in (False, True)}
+    assert error[True] < 0.7 * error[False]

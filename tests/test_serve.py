@@ -1,0 +1,295 @@
+"""`n3 serve` through the official openai client: one server process for the module, answers checked against the
+in-process engine on the same checkpoint; malformed requests; metrics; graceful shutdown; the CLI's errors."""
+
+import asyncio
+import json
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+import model as n3
+from model.engine import Engine, EngineConfig, SamplingParams
+from n3cli.main import main
+from stages.serve.app import Server, build_app
+from tests.test_engine import random_model
+
+openai = pytest.importorskip("openai")
+
+N3 = Path(sys.executable).parent / "n3"
+MESSAGES = [{"role": "user", "content": "The sky is blue. /no_think"}]
+THINKING = [{"role": "user", "content": "Where is the sun?"}]
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory, tokenizer):
+    path = tmp_path_factory.mktemp("serve") / "tiny-chat"
+    n3.save_pretrained(random_model(vocab_size=tokenizer.vocab_size, scale=4.0, max_position_embeddings=96), path)
+    tokenizer.save(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def reference(checkpoint, tokenizer):
+    """The in-process engine on the same checkpoint and settings as the server: what every answer must equal."""
+    return Engine(n3.from_pretrained(checkpoint), tokenizer, EngineConfig(max_batch=8, max_len=96, speculative_tokens=2))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(checkpoint):
+    port = free_port()
+    process = subprocess.Popen(
+        [str(N3), "serve", "-c", str(checkpoint), "--port", str(port), "-s", "serve.max_batch=8",
+         "-s", "serve.speculative_tokens=2"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        try:
+            with urllib.request.urlopen(url + "/health") as response:
+                if response.status == 200:
+                    break
+        except (urllib.error.URLError, ConnectionError):
+            time.sleep(0.2)
+        if process.poll() is not None:
+            pytest.fail(f"n3 serve exited: {process.stdout.read()}")
+    else:
+        process.kill()
+        pytest.fail("n3 serve did not become healthy")
+    yield process, url
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        process.wait(30)
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server[1] + "/v1", api_key="none", max_retries=0)
+
+
+def post(url: str, body: bytes | dict) -> tuple[int, dict]:
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read())
+
+
+def test_models_and_health(client, server):
+    assert [m.id for m in client.models.list().data] == ["tiny-chat"]
+    with urllib.request.urlopen(server[1] + "/health") as response:
+        assert json.loads(response.read()) == {"status": "ready"}
+
+
+def test_chat_answers_like_the_engine(client, reference, tokenizer):
+    expected = reference.chat([THINKING], SamplingParams(temperature=0, max_tokens=12))[0]
+    answer = client.chat.completions.create(model="tiny-chat", messages=THINKING, max_tokens=12, temperature=0)
+    message = answer.choices[0].message
+    assert message.content == expected.text and message.model_extra["reasoning_content"] == expected.reasoning
+    assert answer.choices[0].finish_reason == expected.finish_reason
+    assert answer.usage.prompt_tokens == len(tokenizer.encode_chat(THINKING))
+    assert answer.usage.completion_tokens == len(expected.token_ids)
+    assert answer.usage.total_tokens == answer.usage.prompt_tokens + answer.usage.completion_tokens
+
+
+def test_streaming_equals_non_streaming(client):
+    kwargs = dict(model="tiny-chat", messages=THINKING, max_tokens=16, temperature=0)
+    whole = client.chat.completions.create(**kwargs)
+    chunks = list(client.chat.completions.create(**kwargs, stream=True, stream_options={"include_usage": True}))
+    content = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    reasoning = "".join(c.choices[0].delta.model_extra.get("reasoning_content") or "" for c in chunks if c.choices)
+    assert (content, reasoning) == (whole.choices[0].message.content, whole.choices[0].message.model_extra["reasoning_content"])
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == whole.choices[0].finish_reason
+    assert chunks[-1].choices == [] and chunks[-1].usage == whole.usage
+    prompt = dict(model="tiny-chat", prompt="The grass is", max_tokens=10, temperature=0)
+    text = client.completions.create(**prompt).choices[0].text
+    assert "".join(c.choices[0].text for c in client.completions.create(**prompt, stream=True)) == text
+
+
+def test_n_choices_and_stop_sequences(client, reference):
+    """n = 3 with a seed: choice i is the engine's sample with seed + i."""
+    sampled = client.chat.completions.create(model="tiny-chat", messages=MESSAGES, max_tokens=8, n=3, seed=7)
+    expected = reference.chat([MESSAGES] * 3, [SamplingParams(max_tokens=8, seed=7 + i) for i in range(3)])
+    assert [c.index for c in sampled.choices] == [0, 1, 2]
+    assert [c.message.content for c in sampled.choices] == [e.text for e in expected]
+    assert sampled.usage.completion_tokens == sum(len(e.token_ids) for e in expected)
+    full = client.completions.create(model="tiny-chat", prompt="The sun is", max_tokens=20, temperature=0)
+    stop = full.choices[0].text[4:7]
+    cut = client.completions.create(model="tiny-chat", prompt="The sun is", max_tokens=20, temperature=0, stop=[stop])
+    assert cut.choices[0].text == full.choices[0].text[: full.choices[0].text.index(stop)]
+    assert cut.choices[0].finish_reason == "stop"
+
+
+def test_echo_logprobs_score_the_prompt(client, reference, tokenizer):
+    """lm-eval's local-completions: token-id prompt, echo, logprobs, one generated token."""
+    context, continuation = tokenizer.encode("The grass is"), tokenizer.encode(" green.")
+    (expected, is_greedy), = reference.loglikelihood([(context, continuation)])
+    out = client.completions.create(model="tiny-chat", prompt=context + continuation, max_tokens=1, echo=True,
+                                    logprobs=1, temperature=0)
+    logprobs = out.choices[0].logprobs
+    assert logprobs.token_logprobs[0] is None and len(logprobs.tokens) == len(context + continuation) + 1
+    scored = logprobs.token_logprobs[len(context) : -1]
+    assert sum(scored) == pytest.approx(expected, abs=1e-3)
+    greedy = all(lp == max(top.values()) for lp, top in zip(scored, logprobs.top_logprobs[len(context) : -1]))
+    assert greedy == is_greedy
+    chat = client.chat.completions.create(model="tiny-chat", messages=MESSAGES, max_tokens=4, temperature=0,
+                                          logprobs=True, top_logprobs=2)
+    entries = chat.choices[0].logprobs.content
+    assert len(entries) == chat.usage.completion_tokens and all(len(e.top_logprobs) == 2 for e in entries)
+    assert all(e.logprob == pytest.approx(e.top_logprobs[0].logprob) for e in entries)  # greedy picks the top
+
+
+def test_32_concurrent_requests(server, reference):
+    prompts = [f"The sky is blue {i}." for i in range(32)]
+    expected = [c.text for c in reference.generate(prompts, SamplingParams(temperature=0, max_tokens=12))]
+
+    async def ask_all():
+        client = openai.AsyncOpenAI(base_url=server[1] + "/v1", api_key="none", max_retries=0)
+        answers = await asyncio.gather(*(
+            client.completions.create(model="tiny-chat", prompt=p, max_tokens=12, temperature=0) for p in prompts
+        ))
+        await client.close()
+        return [a.choices[0].text for a in answers]
+
+    assert asyncio.run(ask_all()) == expected
+
+
+def test_malformed_requests_are_rejected_and_the_server_keeps_serving(client, server):
+    url = server[1]
+    valid = {"model": "tiny-chat", "messages": MESSAGES, "max_tokens": 2}
+    cases = [
+        (b"{not json", 400, None),
+        ({"model": "tiny-chat"}, 400, "missing_required_parameter"),
+        (valid | {"temperature": "hot"}, 400, "invalid_value"),
+        (valid | {"temperature": 3}, 400, "invalid_value"),
+        (valid | {"n": 0}, 400, "invalid_value"),
+        (valid | {"messages": [{"role": "robot", "content": "x"}]}, 400, "invalid_value"),
+        (valid | {"model": "gpt-4"}, 404, "model_not_found"),
+        (valid | {"messages": [{"role": "user", "content": "word " * 200}]}, 400, "context_length_exceeded"),
+        (valid | {"max_tokens": 1000}, 400, "context_length_exceeded"),
+    ]
+    for body, status, code in cases:
+        got, error = post(url + "/v1/chat/completions", body)
+        assert got == status, (body, error)
+        assert set(error["error"]) == {"message", "type", "param", "code"} and error["error"]["code"] == code
+    assert post(url + "/v1/completions", {"model": "tiny-chat", "prompt": []})[0] == 400
+    assert post(url + "/v1/nothing", {})[0] == 404
+    with pytest.raises(openai.BadRequestError):
+        client.chat.completions.create(model="tiny-chat", messages=[], max_tokens=2)
+    assert client.chat.completions.create(**valid).choices[0].finish_reason in ("stop", "length")
+
+
+def test_metrics(client, server):
+    client.completions.create(model="tiny-chat", prompt="The sky", max_tokens=3)
+    with urllib.request.urlopen(server[1] + "/metrics") as response:
+        text = response.read().decode()
+    values = {line.split(" ")[0]: float(line.split(" ")[1]) for line in text.splitlines() if not line.startswith("#")}
+    assert values['n3_http_responses_total{path="/v1/completions",code="200"}'] >= 1
+    assert values["n3_prompt_tokens_total"] > 0 and values["n3_generation_tokens_total"] > 0
+    assert values["n3_spec_acceptance_length_mean"] >= 1 and 'n3_spec_draft_acceptance_rate{depth="2"}' in values
+    assert values["n3_cache_rows_total"] == 8 and "n3_decode_batch_size_mean" in values
+
+
+def test_graceful_shutdown_finishes_requests_in_flight(server):
+    """SIGTERM during a stream: the stream still ends with every token and [DONE]; then the process ends (uvicorn
+    re-raises the signal once it has shut down, so process managers see it) without a traceback."""
+    process, url = server
+    body = {"model": "tiny-chat", "prompt": "The sky", "max_tokens": 60, "ignore_eos": True, "stream": True}
+    request = urllib.request.Request(url + "/v1/completions", data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request) as response:
+        lines = [response.readline()]
+        process.send_signal(signal.SIGTERM)
+        lines += response.read().decode().splitlines()
+    events = [line for line in lines if line and line.strip()]
+    assert events[-1].strip() == "data: [DONE]"
+    finish = [json.loads(e[len("data: "):])["choices"][0]["finish_reason"] for e in events[:-1]]
+    assert finish[-1] == "length"
+    assert process.wait(30) in (0, -signal.SIGTERM)
+    log = process.stdout.read()
+    assert "Finished server process" in log and "Traceback" not in log
+
+
+def test_health_is_503_while_loading():
+    """In-process, through the ASGI interface: a model that has not loaded yet answers 503, then 200."""
+    release = __import__("threading").Event()
+
+    def load():
+        release.wait(30)
+        return Engine(random_model(), config=EngineConfig(max_batch=1, max_len=16))
+
+    server = Server("m", load)
+    app = build_app(server)
+    assert asgi(app, "GET", "/health") == (503, {"status": "loading"})
+    status, body = asgi(app, "POST", "/v1/completions", {"model": "m", "prompt": [1], "max_tokens": 1})
+    assert status == 503 and body["error"]["type"] == "service_unavailable"
+    release.set()
+    server.load()
+    assert asgi(app, "GET", "/health") == (200, {"status": "ready"})
+    server.engine.stop()
+
+
+def asgi(app, method: str, path: str, body: dict | None = None) -> tuple[int, dict]:
+    """One request through an ASGI app, without a network."""
+    sent = []
+    data = json.dumps(body).encode() if body is not None else b""
+
+    async def receive():
+        return {"type": "http.request", "body": data, "more_body": False}
+
+    async def send(message):
+        sent.append(message)
+
+    scope = {"type": "http", "method": method, "path": path, "headers": [], "query_string": b"",
+             "http_version": "1.1", "scheme": "http", "server": ("test", 80), "root_path": ""}
+    asyncio.run(app(scope, receive, send))
+    status = next(m["status"] for m in sent if m["type"] == "http.response.start")
+    return status, json.loads(b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body"))
+
+
+def n3_cli(capsys, *args: str) -> tuple[int, str, str]:
+    """`n3 ARGS` in-process: (exit status, stdout, stderr)."""
+    with pytest.raises(SystemExit) as exit_:
+        main(list(args))
+    out, err = capsys.readouterr()
+    return exit_.value.code, out, err
+
+
+def test_cli_errors_and_dry_run(tmp_path, checkpoint, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("N3_DEBUG", raising=False)
+    status, _, err = n3_cli(capsys, "serve")
+    assert status == 2 and "n3 pretrain" in err and err.count("\n") == 1
+    status, _, err = n3_cli(capsys, "serve", "-c", "nowhere")
+    assert status == 2 and err.startswith("error: nowhere does not exist")
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "config.json").write_text("{")
+    assert n3_cli(capsys, "serve", "-c", "broken")[0] == 2
+    status, _, err = n3_cli(capsys, "serve", "-c", str(checkpoint), "-s", "serve.max_batch=0")
+    assert status == 2 and "max_batch" in err
+    run = Path("runs/plain/checkpoints/step-00000010")
+    n3.save_pretrained(random_model(pattern="M*E", vocab_size=512), run)
+    status, _, err = n3_cli(capsys, "serve")  # finds the newest run, whose checkpoint lacks a tokenizer
+    assert status == 2 and f"{run} has no tokenizer.json" in err
+    status, out, _ = n3_cli(capsys, "serve", "-c", str(checkpoint), "--dry-run")
+    assert status == 0 and "tiny-chat" in out and "caches (preallocated)" in out
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        status, _, err = n3_cli(capsys, "serve", "-c", str(checkpoint), "--port", str(taken.getsockname()[1]))
+    assert status == 2 and "cannot listen" in err
