@@ -17,6 +17,7 @@ import typer
 
 from model.errors import UserError
 from n3cli import __version__, presets, pretrain, serve
+from n3cli import eval as evaluation
 from n3cli.options import Debug
 
 # Subcommand -> a plain function (one command) or a Typer app (a group such as `presets`). A new subcommand is a
@@ -26,6 +27,7 @@ COMMANDS: dict[str, Callable | typer.Typer] = {
     "presets": presets.app,
     "pretrain": pretrain.run,
     "serve": serve.run,
+    "eval": evaluation.app,
 }
 
 app = typer.Typer(
