@@ -142,7 +142,6 @@ def ruler(
     runnable = [t for t in names if options.skip_reason(t) is None]
     with _progress("RULER", count * len(runnable) * len(targets)) as advance:
         result = run_ruler(backend, options, advance)
-    backend.close()
 
     table = Table("task", *(length_label(n) for n in targets), title="RULER (score x 100)")
     for task in names:
@@ -155,6 +154,9 @@ def ruler(
     console.print(table)
     for task, reason in result.skipped.items():
         console.print(f"skipped {task}: {reason}")
+    for task, length, tokens in result.short():
+        console.print(f"note: {task} at {length_label(length)} holds {tokens:,.0f} tokens per sample (its source ran "
+                      "out of filler)")
     if result.haystack:
         console.print(f"essay haystack: {result.haystack}")
     folder = _out_dir(out, "ruler")
@@ -197,7 +199,6 @@ def perplexity(
               else ppl.validation_tokens(data, backend.tokenizer, max_tokens))
     with _progress("scoring windows", None) as advance:
         result = ppl.perplexity(backend, tokens, window, stride, advance)
-    backend.close()
     table = Table("", "", title="Perplexity", show_header=False)
     table.add_row("source", result.source)
     table.add_row("model", result.backend)
@@ -252,7 +253,6 @@ def throughput(
     for shape in chosen:
         with console.status(f"shape {shape.label}: {requests or 2 * concurrency} requests, {concurrency} at a time"):
             results.append(measure(backend, shape, concurrency, requests or 2 * concurrency, seed).summary())
-    backend.close()
     table = Table("input/output", "requests", "output tok/s", "total tok/s", "TTFT mean", "TTFT p99", "TPOT mean",
                   "ITL mean", "ITL p99", title=f"Throughput ({concurrency} concurrent; times in ms)")
     for r in results:
@@ -345,7 +345,6 @@ def lm_eval(
     names = [t.strip() for t in tasks.split(",") if t.strip()]
     with console.status(f"lm-eval: {', '.join(names)}"):
         results = run_lm_eval(backend, names, include_path, limit, num_fewshot, max_length, seed)
-    backend.close()
     table = Table("task", "metric", "value", "stderr", title="lm-evaluation-harness")
     for task, metrics in results["results"].items():
         for key, value in metrics.items():

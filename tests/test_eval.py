@@ -13,7 +13,6 @@ import model as n3
 from model.engine import Engine, EngineConfig
 from model.errors import UserError
 from model.tokenizer import SPECIAL_TOKENS
-from n3cli.main import main
 from presets import load
 from stages.eval.backend import EngineBackend, load_engine
 from stages.eval.mtp import acceptance, text_prompts
@@ -21,6 +20,7 @@ from stages.eval.perplexity import Tokens, perplexity, rolling_windows, text_tok
 from stages.eval.throughput import Shape, measure, report_shapes
 from tests.oracles import random_hf_model
 from tests.test_engine import random_model
+from tests.test_serve import n3_cli
 
 CPU = load("cpu", [])
 TEXT = ("The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
@@ -114,7 +114,7 @@ def test_perplexity_reads_the_validation_split(tmp_path, tokenizer, engine_backe
     (corpus / "manifest.json").write_text(json.dumps(manifest))
     tokenizer.save(corpus)
     tokens = validation_tokens(corpus, tokenizer)
-    assert tokens.ids == streams["prose"] + streams["code"]
+    assert tokens.window(0, len(tokens.ids)) == streams["prose"] + streams["code"]
     result = perplexity(engine_backend, tokens)
     direct = perplexity(engine_backend, Tokens(streams["prose"] + streams["code"], "same ids"))
     assert result.nll == direct.nll and result.text_bytes is None and "validation split" in result.source
@@ -200,7 +200,8 @@ def test_lm_eval_on_local_tasks(tmp_path, engine_backend, monkeypatch):
         (tmp_path / f"{name}.yaml").write_text(
             f"task: n3_{name}\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {tmp_path / name}.jsonl\n"
             f"test_split: test\ndoc_to_text: '{{{{question}}}}'\n{kind}")
-    results = run_lm_eval(engine_backend, ["n3_best", "n3_worst", "n3_gen"], include_path=tmp_path)["results"]
+    results = run_lm_eval(engine_backend, ["n3_best", "n3_worst", "n3_gen"], include_path=tmp_path,
+                          builtin_tasks=False)["results"]
     assert results["n3_best"]["acc,none"] == 1.0 and results["n3_worst"]["acc,none"] == 0.0
     assert results["n3_gen"]["exact_match,none"] == 1.0
 
@@ -209,25 +210,18 @@ def test_lm_eval_on_local_tasks(tmp_path, engine_backend, monkeypatch):
     ids = [tok.bos_id] + tok.encode(text)
     assert len(ids) > 3 * 8
     whole = sum(s.logprob for s in engine_backend.score([ids])[0])
-    rolled = sum(s.logprob for start, end, k in rolling_windows(len(ids), 9, 8)
+    rolled = sum(s.logprob for start, end, k in rolling_windows(len(ids), 8)
                  for s in engine_backend.score([ids[start:end]])[0][-k:])
     [value] = lm.loglikelihood_rolling([type("Request", (), {"args": (text,)})()])
     assert math.isclose(value, rolled, rel_tol=1e-6) and not math.isclose(value, whole, rel_tol=1e-3)
     with pytest.raises(UserError, match="knows no task"):
-        run_lm_eval(engine_backend, ["n3_nope"], include_path=tmp_path)
-
-
-def run_cli(capsys, *args: str) -> tuple[int, str, str]:
-    with pytest.raises(SystemExit) as exit_:
-        main(list(args))
-    out, err = capsys.readouterr()
-    return exit_.value.code, out, err
+        run_lm_eval(engine_backend, ["n3_nope"], include_path=tmp_path, builtin_tasks=False)
 
 
 def test_cli_writes_tables_json_and_plot(checkpoint, tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("COLUMNS", "200")
     out = tmp_path / "ruler"
-    status, stdout, err = run_cli(capsys, "eval", "ruler", "-c", str(checkpoint), "--lengths", "1k", "--samples", "1",
+    status, stdout, err = n3_cli(capsys, "eval", "ruler", "-c", str(checkpoint), "--lengths", "1k", "--samples", "1",
                                   "--tasks", "niah_single_1,vt,qa_1", "--out", str(out))
     assert status == 0, err
     assert "niah_single_1" in stdout and "mean (2 tasks)" in stdout and "skipped qa_1: no SQuAD file" in stdout
@@ -239,16 +233,16 @@ def test_cli_writes_tables_json_and_plot(checkpoint, tmp_path, capsys, monkeypat
     assert all(r["prediction"] for r in rows)
 
     (tmp_path / "text.txt").write_text(TEXT)
-    status, stdout, err = run_cli(capsys, "eval", "perplexity", "-c", str(checkpoint), "--text",
+    status, stdout, err = n3_cli(capsys, "eval", "perplexity", "-c", str(checkpoint), "--text",
                                   str(tmp_path / "text.txt"), "--window", "64", "--out", str(tmp_path / "ppl"))
     assert status == 0, err
     assert "bits per byte" in stdout and json.loads((tmp_path / "ppl/perplexity.json").read_text())["window"] == 64
-    status, stdout, err = run_cli(capsys, "eval", "throughput", "-c", str(checkpoint), "--shapes", "32:4,48:2",
+    status, stdout, err = n3_cli(capsys, "eval", "throughput", "-c", str(checkpoint), "--shapes", "32:4,48:2",
                                   "--concurrency", "2", "--requests", "2", "--out", str(tmp_path / "tp"))
     assert status == 0, err
     results = json.loads((tmp_path / "tp/throughput.json").read_text())["results"]
     assert [(r["input_len"], r["output_len"]) for r in results] == [(32, 4), (48, 2)] and "32/4" in stdout
-    status, stdout, err = run_cli(capsys, "eval", "mtp", "-c", str(checkpoint), "--depth", "2", "--prompts", "2",
+    status, stdout, err = n3_cli(capsys, "eval", "mtp", "-c", str(checkpoint), "--depth", "2", "--prompts", "2",
                                   "--prompt-len", "16", "--max-tokens", "6", "--out", str(tmp_path / "mtp"))
     assert status == 0, err
     assert len(json.loads((tmp_path / "mtp/mtp.json").read_text())["per_depth"]) == 2 and "language reference" in stdout
@@ -268,9 +262,9 @@ def test_cli_errors_are_one_line(checkpoint, tmp_path, capsys, monkeypatch):
         (["ruler", "--endpoint", "http://127.0.0.1:9"], "needs --tokenizer"),
         (["ruler", "--endpoint", "http://127.0.0.1:9", "--tokenizer", str(checkpoint)], "cannot reach"),
     ]:
-        status, _, err = run_cli(capsys, "eval", *args)
+        status, _, err = n3_cli(capsys, "eval", *args)
         assert status == 2 and message in err and err.count("\n") == 1, (args, err)
     plain = tmp_path / "plain"
     n3.save_pretrained(random_model(pattern="M*E", vocab_size=512), plain)
-    status, _, err = run_cli(capsys, "eval", "mtp", "-c", str(plain))
+    status, _, err = n3_cli(capsys, "eval", "mtp", "-c", str(plain))
     assert status == 2 and "has no tokenizer.json" in err

@@ -142,6 +142,18 @@ def test_templates_follow_ruler(generated):
     assert by_task["fwe"].text.endswith("the three most frequently appeared words are:")
 
 
+def test_chat_mode_wraps_the_task_in_the_chat_template(tokenizer):
+    backend = Scripted(tokenizer, oracle)
+    options = RulerOptions([1024], 2, ["niah_single_1", "vt"], chat=True)
+    for s in samples(backend, options):
+        assert s.text.startswith("<|im_start|>user\n") and "<|im_end|>\n<|im_start|>assistant\n<think></think>" in s.text
+        assert 0.95 * 1024 <= len(s.prompt) + s.max_tokens <= 1024
+    value = last(r"the value (\d+) in", s.text)
+    assert s.text.endswith("<think></think>Answer: According to the chain(s) of variable assignment in the text "
+                           f"above, 5 variables are assgined the value {value}, they are: ")
+    assert run_ruler(backend, options).mean(1024) == 100
+
+
 def test_an_oracle_scores_100_and_a_constant_answer_scores_low(tokenizer):
     options = RulerOptions([1024], 2, SYNTHETIC[:8] + ["vt", "fwe"])
     perfect = run_ruler(Scripted(tokenizer, oracle), options)
@@ -183,6 +195,7 @@ def test_qa_runs_from_files_and_is_skipped_without(tmp_path, tokenizer):
     options = RulerOptions([1024], 4, ["qa_1", "qa_2"], squad=tmp_path / "squad.json", hotpotqa=tmp_path / "hotpot.json")
     result = run_ruler(reader, options)
     assert result.scores == {"qa_1": {1024: 100.0}, "qa_2": {1024: 100.0}} and result.haystack is None
+    assert "qa_2" in [task for task, _, _ in result.short()]  # its 10 documents cannot fill 1024 tokens
     for s in samples(reader, options):
         assert s.max_tokens == 32 and s.text.endswith(" Answer:") and "unknown" not in s.text
         # Filler comes in whole documents (about 35 tokens each here); HotpotQA here has only 10 of them.

@@ -66,9 +66,6 @@ class Backend(ABC):
     def timed(self, prompts: list[list[int]], max_tokens: int, concurrency: int) -> list[Timing]:
         """Complete every prompt to exactly max_tokens (eos ignored), keeping `concurrency` requests in flight."""
 
-    def close(self) -> None:
-        """Release what the backend holds."""
-
 
 class EngineBackend(Backend):
     def __init__(self, engine, description: str):
@@ -81,10 +78,11 @@ class EngineBackend(Backend):
     def _run(self, prompts: list[list[int]], params: list) -> list:
         from model.engine import PromptTooLong
 
-        try:
-            return self.engine.run([self.engine.submit(p, sp) for p, sp in zip(prompts, params)])
+        try:  # every request is checked before any is queued
+            requests = [self.engine.make_request(p, sp) for p, sp in zip(prompts, params)]
         except PromptTooLong as err:
             raise UserError(f"{err}; lower the evaluation's lengths or raise serve.max_len") from None
+        return self.engine.run([self.engine.add(r) for r in requests])
 
     def generate(self, prompts, max_tokens, stop=None, temperature=0.0):
         from model.engine import SamplingParams
@@ -129,6 +127,11 @@ class EngineBackend(Backend):
         return [timings[i] for i in range(len(prompts))]
 
 
+PREFILL_CHUNK = 4096
+"""Prompt tokens per engine step when the preset does not say: evaluations are bound by throughput, not by the
+latency of requests running beside a long prompt (what `n3 serve`'s smaller default protects)."""
+
+
 def engine_config(cfg: RunConfig, max_len: int | None = None, max_batch: int | None = None,
                   speculative_tokens: int | None = None):
     """model.engine.EngineConfig from the preset's [serve] table (the engine as `n3 serve` would size it), with an
@@ -136,12 +139,13 @@ def engine_config(cfg: RunConfig, max_len: int | None = None, max_batch: int | N
     from model.engine import EngineConfig
 
     s = cfg.serve
+    batch = max_batch or s.max_batch
+    drafts = s.speculative_tokens if speculative_tokens is None else speculative_tokens
     try:
         return EngineConfig(
-            max_batch=max_batch or s.max_batch, max_len=max_len or s.max_len or None,
-            max_step_tokens=s.max_step_tokens or None,
-            speculative_tokens=s.speculative_tokens if speculative_tokens is None else speculative_tokens,
-            ssm_dtype=s.ssm_cache_dtype, stochastic_rounding=s.ssm_stochastic_rounding,
+            max_batch=batch, max_len=max_len or s.max_len or None,
+            max_step_tokens=s.max_step_tokens or batch * (1 + drafts) + PREFILL_CHUNK,
+            speculative_tokens=drafts, ssm_dtype=s.ssm_cache_dtype, stochastic_rounding=s.ssm_stochastic_rounding,
         )
     except ValueError as err:
         raise UserError(f"preset {cfg.name}: serve: {err}") from None

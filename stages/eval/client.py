@@ -38,7 +38,7 @@ class EndpointBackend(Backend):
         self.model = model or names[0]
         card = served[names.index(self.model)]
         self.context = card.get("max_model_len")  # vLLM says; others do not
-        self.description = f"{self.base} (model {self.model}, {concurrency} concurrent requests)"
+        self.description = f"{self.base} (model {self.model}, tokenizer {tokenizer}, {concurrency} concurrent requests)"
 
     # --- HTTP -------------------------------------------------------------------------------------------------------
     def _open(self, method: str, path: str, body: dict | None = None):

@@ -62,12 +62,12 @@ class N3LM(TemplateLM):
         return results
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
-        """Each text's log-likelihood after the prefix token, in windows of max_length + 1 tokens that score
-        max_length each (lm-eval's rolling windows)."""
+        """Each text's log-likelihood after the prefix token, in disjoint windows of max_length tokens that score all
+        but their first (lm-eval's rolling windows; max_length counts every token a request holds)."""
         out = []
         for (text,) in (r.args for r in requests):
             ids = [self.prefix_token_id] + self.tok_encode(text)
-            windows = rolling_windows(len(ids), self.max_length + 1, self.max_length)
+            windows = rolling_windows(len(ids), self.max_length)
             scores = self._score([ids[start:end] for start, end, _ in windows])
             out.append(sum(s.logprob for (_, _, n), per in zip(windows, scores) for s in per[len(per) - n :]))
         return out
@@ -83,7 +83,7 @@ class N3LM(TemplateLM):
             until = [until] if isinstance(until, str) else list(until)
             limit = int(kwargs.pop("max_gen_toks", self.max_gen_toks))
             temperature = float(kwargs.pop("temperature", 0.0)) if kwargs.pop("do_sample", False) else 0.0
-            prompts.append(self.tok_encode(context)[-(self.max_length - limit) :])
+            prompts.append(self.tok_encode(context)[-max(self.max_length - limit, 1) :])  # room for the answer
             limits.append(limit)
             groups[(tuple(until), temperature)].append(i)
         texts = [""] * len(requests)
@@ -104,14 +104,16 @@ class N3LM(TemplateLM):
 
 
 def run_lm_eval(backend: Backend, tasks: list[str], include_path: Path | None = None, limit: float | None = None,
-                num_fewshot: int | None = None, max_length: int | None = None, seed: int = 0) -> dict:
-    """lm_eval.simple_evaluate with N3LM; its results dict (per task metrics under "results")."""
+                num_fewshot: int | None = None, max_length: int | None = None, seed: int = 0,
+                builtin_tasks: bool = True) -> dict:
+    """lm_eval.simple_evaluate with N3LM; its results dict (per task metrics under "results"). builtin_tasks=False
+    looks only under include_path (indexing lm-eval's own thousands of tasks takes seconds)."""
     try:
         import lm_eval
         from lm_eval.tasks import TaskManager
     except ImportError:
         raise UserError("n3 eval lm-eval needs lm-evaluation-harness: pip install 'n3[eval]'") from None
-    manager = TaskManager(include_path=str(include_path) if include_path else None)
+    manager = TaskManager(include_path=str(include_path) if include_path else None, include_defaults=builtin_tasks)
     unknown = [t for t in tasks if not manager.match_tasks([t])]
     if unknown:
         raise UserError(f"lm-eval knows no task {', '.join(unknown)}"

@@ -52,13 +52,13 @@ class AcceptanceResult:
                 "deepest": {"acceptance_rate": self.rates, "conditional_rate": self.conditional}}
 
 
-def text_prompts(ids: list[int], prefix: list[int], count: int, length: int) -> list[list[int]]:
-    """count prompts of `length` tokens (prefix, then a slice of ids), taken at evenly spaced offsets."""
+def text_prompts(ids, prefix: list[int], count: int, length: int) -> list[list[int]]:
+    """count prompts of `length` tokens (prefix, then a slice of ids: a list or an array), at evenly spaced offsets."""
     need = length - len(prefix)
     if need < 1 or len(ids) < need:
         raise UserError(f"the text has {len(ids)} tokens; prompts of {length} need at least {need}")
     step = (len(ids) - need) // (count - 1) if count > 1 else 0
-    return [prefix + ids[i * step : i * step + need] for i in range(count)]
+    return [prefix + [int(t) for t in ids[i * step : i * step + need]] for i in range(count)]
 
 
 def acceptance(backend: EngineBackend, prompts: list[list[int]], max_tokens: int, source: str,

@@ -25,11 +25,15 @@ from stages.eval.backend import Backend
 
 @dataclass
 class Tokens:
-    ids: list[int]
+    ids: list[int] | np.ndarray
+    """A list, or for a corpus split an array read from its shards (a list of every token would not fit)."""
     source: str
     """What was tokenized, for reports."""
     text_bytes: int | None = None
     """UTF-8 bytes of the text the ids encode (for bits per byte), when known."""
+
+    def window(self, start: int, end: int) -> list[int]:
+        return [int(t) for t in self.ids[start:end]]
 
 
 @dataclass
@@ -115,8 +119,8 @@ def validation_tokens(directory: Path, tokenizer: Tokenizer, max_tokens: int | N
         shard = directory / "shards" / f"{name}.val.bin"
         if not shard.is_file():
             raise UserError(f"{shard} is missing; rerun `n3 data`")
-        parts.append(np.fromfile(shard, dtype=dtype))
-    ids = np.concatenate(parts).tolist() if parts else []
+        parts.append(np.memmap(shard, dtype=dtype, mode="r") if shard.stat().st_size else np.zeros(0, dtype))
+    ids = np.concatenate(parts) if len(parts) > 1 else parts[0] if parts else np.zeros(0, dtype)
     if len(ids) < 2:
         raise UserError(f"{directory} has no validation tokens")
     if max_tokens is not None and len(ids) > max_tokens:
@@ -137,7 +141,7 @@ def perplexity(backend: Backend, tokens: Tokens, window: int | None = None, stri
         raise UserError(f"{tokens.source}: fewer than two tokens to score")
     total, pending = 0.0, iter(windows)
     while chunk := list(itertools.islice(pending, backend.batch_size)):
-        scores = backend.score([tokens.ids[start:end] for start, end, _ in chunk])
+        scores = backend.score([tokens.window(start, end) for start, end, _ in chunk])
         total += sum(s.logprob for (_, _, scored), per_token in zip(chunk, scores) for s in per_token[-scored:])
         progress(len(chunk), len(windows))
     scored = len(tokens.ids) - 1

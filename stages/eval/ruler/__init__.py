@@ -11,6 +11,8 @@ mean over the tasks that ran.
 from __future__ import annotations
 
 import itertools
+import statistics
+from collections import defaultdict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -117,12 +119,19 @@ class RulerResult:
     options: RulerOptions
     scores: dict[str, dict[int, float]]
     """task -> length -> mean score x 100."""
+    lengths: dict[str, dict[int, float]]
+    """task -> length -> mean tokens per sample (prompt + generation budget), to compare with the target."""
     skipped: dict[str, str]
     """task -> why it did not run."""
     predictions: list[dict]
 
     def mean(self, length: int) -> float:
         return sum(s[length] for s in self.scores.values()) / len(self.scores)
+
+    def short(self, tolerance: float = 0.05) -> list[tuple[str, int, float]]:
+        """(task, length, mean tokens) where samples fell more than `tolerance` short of the length (a source ran
+        out: the word list, the QA documents)."""
+        return [(t, n, m) for t, per in self.lengths.items() for n, m in per.items() if m < (1 - tolerance) * n]
 
     def summary(self) -> dict:
         o = self.options
@@ -134,7 +143,8 @@ class RulerResult:
             "samples_per_task": o.samples,
             "template": "chat" if o.chat else "base",
             "lengths": o.lengths,
-            "tasks": {t: {"metric": TASKS[t].spec.metric.__name__, "scores": {str(n): s for n, s in v.items()}}
+            "tasks": {t: {"metric": TASKS[t].spec.metric.__name__, "scores": {str(n): s for n, s in v.items()},
+                          "mean_tokens": {str(n): m for n, m in self.lengths[t].items()}}
                       for t, v in self.scores.items()},
             "skipped": self.skipped,
             "mean": {str(n): self.mean(n) for n in o.lengths},
@@ -151,7 +161,6 @@ def run_ruler(backend: Backend, options: RulerOptions, progress: Callable[[int],
     skipped = {t: r for t in options.tasks if (r := options.skip_reason(t)) is not None}
     if len(skipped) == len(options.tasks):
         raise UserError("every task was skipped: " + "; ".join(f"{t}: {r}" for t, r in skipped.items()))
-    totals: dict[tuple[str, int], list[float]] = {}
     predictions = []
     stream = samples(backend, options, sources)
     while chunk := list(itertools.islice(stream, backend.batch_size)):
@@ -159,13 +168,17 @@ def run_ruler(backend: Backend, options: RulerOptions, progress: Callable[[int],
         for sample, answer in zip(chunk, answers):
             prediction = clean(answer)
             score = TASKS[sample.task].spec.metric(prediction, sample.answers)
-            totals.setdefault((sample.task, sample.length), []).append(score)
             predictions.append({
                 "task": sample.task, "length": sample.length, "index": sample.index,
                 "prompt_tokens": len(sample.prompt), "answers": sample.answers, "prediction": prediction,
                 "score": score, **sample.meta,
             })
         progress(len(chunk))
-    scores = {t: {n: 100 * sum(totals[t, n]) / len(totals[t, n]) for n in options.lengths}
-              for t in options.tasks if t not in skipped}
-    return RulerResult(backend.description, sources.haystack, options, scores, skipped, predictions)
+    groups: dict[tuple[str, int], list[dict]] = defaultdict(list)
+    for p in predictions:
+        groups[p["task"], p["length"]].append(p)
+    ran = [t for t in options.tasks if t not in skipped]
+    scores = {t: {n: 100 * statistics.mean(p["score"] for p in groups[t, n]) for n in options.lengths} for t in ran}
+    lengths = {t: {n: statistics.mean(p["prompt_tokens"] for p in groups[t, n]) + TASKS[t].spec.tokens_to_generate
+                   for n in options.lengths} for t in ran}
+    return RulerResult(backend.description, sources.haystack, options, scores, lengths, skipped, predictions)
