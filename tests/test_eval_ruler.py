@@ -14,6 +14,7 @@ from stages.eval.backend import Backend
 from stages.eval.corpus import sentences
 from stages.eval.ruler import TASKS, RulerOptions, run_ruler, samples
 from stages.eval.ruler.niah import DEPTHS
+from stages.eval.ruler.samples import fit
 from stages.eval.ruler.scoring import clean, string_match_all, string_match_part
 
 SYNTHETIC = [t for t in TASKS if not t.startswith("qa")]
@@ -165,6 +166,19 @@ def test_an_oracle_scores_100_and_a_constant_answer_scores_low(tokenizer):
     summary = constant.summary()
     assert summary["mean"] == {"1024": constant.mean(1024)} and summary["tasks_in_mean"] == 10
     assert summary["tasks"]["vt"]["metric"] == "string_match_all"
+
+
+def test_fit_finds_the_largest_size_within_budget():
+    calls = []
+
+    def measure(n: int) -> int:
+        calls.append(n)
+        return 3 * n + 10
+
+    assert fit(measure, 100, None) == 30 and len(calls) < 12
+    assert fit(measure, 100, 20) == 20 and fit(measure, 100, 40) == 30
+    assert fit(measure, 9, None) == -1 and fit(measure, 10, None) == 0
+    assert fit(lambda n: 5 * n, 10**6, None) == 200_000
 
 
 def test_scoring_matches_hand_computed_cases():
