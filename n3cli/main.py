@@ -17,6 +17,7 @@ import typer
 
 from model.errors import UserError
 from n3cli import __version__, data, presets, pretrain, quantize, serve
+from n3cli import eval as evaluation
 from n3cli.options import Debug
 
 # Subcommand -> a plain function (one command) or a Typer app (a group such as `presets`). A new subcommand is a
@@ -28,6 +29,7 @@ COMMANDS: dict[str, Callable | typer.Typer] = {
     "pretrain": pretrain.run,
     "quantize": quantize.run,
     "serve": serve.run,
+    "eval": evaluation.app,
 }
 
 app = typer.Typer(

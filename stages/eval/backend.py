@@ -1,0 +1,179 @@
+"""Where an evaluation's model runs: one small interface, two implementations.
+
+- EngineBackend: a checkpoint loaded in this process, driven through model.engine's public API.
+- EndpointBackend (stages.eval.client): any OpenAI-compatible server (n3 serve, vLLM) through /v1/completions.
+
+Prompts cross the interface as token ids, encoded here with the model's tokenizer: lengths are exact, and both
+backends see the same input. `encode` prepends the tokenizer's bos token when it has one, as n3 stores documents.
+"""
+
+from __future__ import annotations
+
+import time
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from model.errors import UserError
+from model.tokenizer import Tokenizer
+from presets.schema import RunConfig
+
+
+@dataclass
+class TokenScore:
+    logprob: float
+    """log P(token | the tokens before it)."""
+    greedy: bool
+    """The token is the model's most likely one at its position."""
+
+
+@dataclass
+class Timing:
+    """One request of a throughput run, in time.perf_counter() seconds."""
+
+    sent: float
+    arrivals: list[float] = field(default_factory=list)
+    """When each piece of output arrived (an engine step's tokens, or a stream chunk)."""
+    output_tokens: int = 0
+    prompt_tokens: int = 0
+
+
+class Backend(ABC):
+    tokenizer: Tokenizer
+    description: str
+    """What runs the model, for reports."""
+    context: int | None
+    """The most tokens a request may hold (prompt + output), when known."""
+    batch_size: int
+    """Requests worth sending at once (enough to keep the model's batch full)."""
+
+    def encode(self, text: str) -> list[int]:
+        bos = [] if self.tokenizer.bos_id is None else [self.tokenizer.bos_id]
+        return bos + self.tokenizer.encode(text)
+
+    @abstractmethod
+    def generate(
+        self, prompts: list[list[int]], max_tokens: int | list[int], stop: list[str] | None = None,
+        temperature: float = 0.0,
+    ) -> list[str]:
+        """The completion text of each prompt (greedy at temperature 0), cut before any stop string."""
+
+    @abstractmethod
+    def score(self, sequences: list[list[int]]) -> list[list[TokenScore]]:
+        """For each sequence, a TokenScore per token after the first."""
+
+    @abstractmethod
+    def timed(self, prompts: list[list[int]], max_tokens: int, concurrency: int) -> list[Timing]:
+        """Complete every prompt to exactly max_tokens (eos ignored), keeping `concurrency` requests in flight."""
+
+
+class EngineBackend(Backend):
+    def __init__(self, engine, description: str):
+        self.engine = engine
+        self.tokenizer = engine.tokenizer
+        self.description = description
+        self.context = engine.max_len
+        self.batch_size = 2 * engine.config.max_batch
+
+    def _run(self, prompts: list[list[int]], params: list) -> list:
+        from model.engine import PromptTooLong
+
+        try:  # every request is checked before any is queued
+            requests = [self.engine.make_request(p, sp) for p, sp in zip(prompts, params)]
+        except PromptTooLong as err:
+            raise UserError(f"{err}; lower the evaluation's lengths or raise serve.max_len") from None
+        return self.engine.run([self.engine.add(r) for r in requests])
+
+    def generate(self, prompts, max_tokens, stop=None, temperature=0.0):
+        from model.engine import SamplingParams
+
+        limits = max_tokens if isinstance(max_tokens, list) else [max_tokens] * len(prompts)
+        params = [SamplingParams(max_tokens=m, temperature=temperature, stop=list(stop or [])) for m in limits]
+        return [c.text for c in self._run(prompts, params)]
+
+    def score(self, sequences):
+        from model.engine import SamplingParams
+
+        params = SamplingParams(max_tokens=0, prompt_logprobs=1)
+        done = self._run(sequences, [params] * len(sequences))
+        return [[TokenScore(lp.logprob, lp.top[0][0] == lp.token_id) for lp in c.prompt_logprobs[1:]] for c in done]
+
+    def timed(self, prompts, max_tokens, concurrency):
+        from model.engine import SamplingParams
+
+        engine = self.engine
+        if concurrency > engine.config.max_batch:
+            raise UserError(f"concurrency {concurrency} exceeds the engine's batch ({engine.config.max_batch})")
+        params = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
+        waiting = list(range(len(prompts)))
+        timings: dict[int, Timing] = {}
+        running: dict[str, int] = {}
+        while waiting or running:
+            while waiting and len(running) < concurrency:
+                i = waiting.pop(0)
+                timings[i] = Timing(time.perf_counter(), prompt_tokens=len(prompts[i]))
+                running[engine.submit(prompts[i], params)] = i
+            deltas = engine.step()
+            now = time.perf_counter()
+            for delta in deltas:
+                i = running.get(delta.request_id)
+                if i is None:
+                    continue
+                if delta.token_ids:
+                    timings[i].arrivals.append(now)
+                    timings[i].output_tokens += len(delta.token_ids)
+                if delta.finish_reason is not None:
+                    del running[delta.request_id]
+        return [timings[i] for i in range(len(prompts))]
+
+
+PREFILL_CHUNK = 4096
+"""Prompt tokens per engine step when the preset does not say: evaluations are bound by throughput, not by the
+latency of requests running beside a long prompt (what `n3 serve`'s smaller default protects)."""
+
+
+def engine_config(cfg: RunConfig, max_len: int | None = None, max_batch: int | None = None,
+                  speculative_tokens: int | None = None):
+    """model.engine.EngineConfig from the preset's [serve] table (the engine as `n3 serve` would size it), with an
+    evaluation's own context, batch or speculation where it sets them."""
+    from model.engine import EngineConfig
+
+    s = cfg.serve
+    batch = max_batch or s.max_batch
+    drafts = s.speculative_tokens if speculative_tokens is None else speculative_tokens
+    try:
+        return EngineConfig(
+            max_batch=batch, max_len=max_len or s.max_len or None,
+            max_step_tokens=s.max_step_tokens or batch * (1 + drafts) + PREFILL_CHUNK,
+            speculative_tokens=drafts, ssm_dtype=s.ssm_cache_dtype, stochastic_rounding=s.ssm_stochastic_rounding,
+        )
+    except ValueError as err:
+        raise UserError(f"preset {cfg.name}: serve: {err}") from None
+
+
+def load_engine(path: Path, cfg: RunConfig, max_len: int | None = None, max_batch: int | None = None,
+                speculative_tokens: int | None = None) -> EngineBackend:
+    """A checkpoint (or a run folder's newest) in an in-process engine: weights and kernels per the preset."""
+    import torch
+
+    import kernels
+    from model.checkpoint import config_from_hf, from_pretrained, read_config, resolve_checkpoint
+    from model.engine import Engine
+
+    checkpoint = resolve_checkpoint(path)
+    model_cfg = config_from_hf(read_config(checkpoint))
+    if not (checkpoint / "tokenizer.json").is_file():
+        raise UserError(f"{checkpoint} has no tokenizer.json; evaluations need the tokenizer saved with the checkpoint")
+    config = engine_config(cfg, max_len, max_batch, speculative_tokens)
+    if config.speculative_tokens and not model_cfg.mtp_pattern:
+        raise UserError(f"{checkpoint} has no MTP head to draft with; set serve.speculative_tokens=0")
+    try:
+        kernels.configure(**vars(cfg.kernels))
+    except ValueError as err:
+        raise UserError(f"preset {cfg.name}: {err}") from None
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = {"auto": None, "fp32": torch.float32, "bf16": torch.bfloat16}[cfg.serve.dtype]
+    model = from_pretrained(checkpoint, dtype=dtype, device=device)
+    engine = Engine(model, Tokenizer.load(checkpoint), config)
+    weights = str(model.lm_head.weight.dtype).removeprefix("torch.")
+    return EngineBackend(engine, f"{checkpoint} (in-process engine, {device}, {weights})")
