@@ -80,8 +80,10 @@ class Tokenizer:
             raise UserError(f"cannot read tokenizer {file}: {err}") from None
 
     def save(self, directory: str | Path) -> None:
-        """tokenizer.json plus the tokenizer_config.json that transformers' AutoTokenizer reads."""
+        """tokenizer.json plus the tokenizer_config.json that transformers' AutoTokenizer reads (the directory is made
+        if missing)."""
         directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
         self.backend.save(str(directory / "tokenizer.json"))
         config = {
             "tokenizer_class": "PreTrainedTokenizerFast",

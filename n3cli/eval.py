@@ -59,7 +59,7 @@ def _open_backend(checkpoint: Path | None, endpoint: str | None, tokenizer: Path
     """The evaluation backend the options name: an endpoint, or a checkpoint loaded in-process."""
     from model.checkpoint import newest_run
     from model.errors import UserError
-    from stages.eval.backend import load_engine
+    from stages.eval.backend import engine_backend
     from stages.eval.client import EndpointBackend
 
     cfg = load_preset(preset, overrides)
@@ -72,7 +72,7 @@ def _open_backend(checkpoint: Path | None, endpoint: str | None, tokenizer: Path
         if checkpoint is None:
             raise UserError("give --checkpoint DIR or --endpoint URL (no run under runs/ has a checkpoint)")
     with console.status(f"loading {checkpoint}"):
-        return load_engine(checkpoint, cfg, **engine)
+        return engine_backend(checkpoint, cfg, lambda warning: console.print(f"warning: {warning}"), **engine)
 
 
 def _out_dir(out: Path | None, kind: str) -> Path:

@@ -15,7 +15,7 @@ from typing import Annotated
 
 import typer
 
-from presets import DEFAULT_PRESET, RunConfig, load
+from presets import DEFAULT_PRESET, RunConfig, load  # noqa: F401 (DEFAULT_PRESET: re-exported for the commands)
 
 Preset = Annotated[
     str,

@@ -43,6 +43,11 @@ def print_plan(plan: Plan) -> None:
 
     sizes = "  ".join(f"{name} {human(b, 'B')}" for name, b in plan.weight_bytes.items())
     console.print(f"weights stored as: {sizes}")
+    if plan.gemm_formats:
+        gemms = sum(plan.gemm_formats.values())
+        shares = ", ".join(f"{fmt} {human(n)} ({n / gemms:.1%})" for fmt, n in sorted(plan.gemm_formats.items(),
+                                                                                      key=lambda item: -item[1]))
+        console.print(f"GEMM weights by format ({cfg.precision.compute} recipe): {shares}")
     lay, train = plan.layout, cfg.train
     console.print(
         f"precision: master weights {cfg.precision.params}, compute {cfg.precision.compute}\n"

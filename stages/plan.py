@@ -1,13 +1,15 @@
 """The plan of a run, computed without allocating: the model is built on the meta device.
 
 Every stage's --dry-run prints it: parameter counts (total, active, by block type), the size of the weights in each
-precision, the parallel layout, and the model state (weights, gradients, optimizer) each device holds.
+precision, the format each GEMM runs in under the preset's low-precision recipe, the parallel layout, and the model
+state (weights, gradients, optimizer) each device holds.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+from model import lowp
 from model.hybrid import build
 from model.params import ParamCount, count_parameters
 from presets.schema import RunConfig
@@ -22,6 +24,9 @@ class Plan:
     params: ParamCount
     weight_bytes: dict[str, int]
     """Bytes of all weights (MTP included) stored in each precision."""
+    gemm_formats: dict[str, int]
+    """Parameters of the Linear and routed-expert modules by the format their GEMMs run in (nvfp4, mxfp8, fp8, bf16);
+    empty when precision.compute is not a low-precision format."""
     layout: dict[str, int]
     """world, data, tensor, pipeline, expert, context degrees."""
     grad_accumulation: int
@@ -34,7 +39,11 @@ class Plan:
 
 def plan_run(cfg: RunConfig) -> Plan:
     """The plan of `cfg` (whose layout the preset loader has checked)."""
-    params = count_parameters(build(cfg.model, device="meta"))
+    model = build(cfg.model, device="meta")
+    params = count_parameters(model)
+    gemm_formats: dict[str, int] = {}
+    for name, fmt in lowp.plan(model, cfg.precision).items():
+        gemm_formats[fmt] = gemm_formats.get(fmt, 0) + sum(p.numel() for p in model.get_submodule(name).parameters())
     par, train = cfg.parallel, cfg.train
     # Tensor and pipeline parallelism split everything; expert parallelism splits the routed experts; FSDP then
     # shards dense weights over the data-parallel ranks and experts over the ranks that hold the same experts.
@@ -50,6 +59,7 @@ def plan_run(cfg: RunConfig) -> Plan:
         config=cfg,
         params=params,
         weight_bytes={name: int(params.total * bits / 8) for name, bits in BITS.items()},
+        gemm_formats=gemm_formats,
         layout={
             "world": par.world_size, "data": par.data, "tensor": par.tensor,
             "pipeline": par.pipeline, "expert": par.expert, "context": par.context,

@@ -16,10 +16,10 @@ from pathlib import Path
 
 import torch
 
-import kernels
 from model.checkpoint import from_pretrained
+from model.engine import Engine, EngineConfig, SamplingParams
 from model.errors import UserError
-from model.hybrid import NemotronH, build
+from model.hybrid import build
 from model.tokenizer import Tokenizer
 from presets.schema import RunConfig
 from stages.runtime import distributed
@@ -30,6 +30,7 @@ from stages.runtime.losses import CausalLMObjective
 from stages.runtime.loop import LoopResult, TrainingJob, run_loop, validation
 from stages.runtime.metrics import flops_per_token, peak_flops
 from stages.runtime.optim import build_optimizer
+from stages.runtime.settings import configure_kernels
 from stages.runtime.progress import Progress, Quiet
 
 PROMPT_TOKENS = 24
@@ -67,10 +68,7 @@ def pretrain(
     progress = progress or Quiet()
     world = distributed.setup(cfg)
     distributed.check_layout(cfg, world)
-    try:
-        kernels.configure(**vars(cfg.kernels))
-    except ValueError as err:
-        raise UserError(str(err)) from None
+    configure_kernels(cfg)
     if prepare_corpus is not None and world.is_main:
         prepare_corpus()
     world.barrier()
@@ -114,7 +112,8 @@ def pretrain(
     checkpoint = latest_resumable(run)
     final = from_pretrained(checkpoint, dtype=torch.float32)
     prompt_ids = _prompt(val, manifest)
-    sample = sample_continuation(final, prompt_ids, SAMPLE_TOKENS, seed=cfg.train.seed)
+    params = SamplingParams(max_tokens=SAMPLE_TOKENS, temperature=0.8, top_k=40, seed=cfg.train.seed)
+    sample = Engine(final, tokenizer, EngineConfig(max_batch=1)).generate([prompt_ids], params)[0].token_ids
     return PretrainResult(
         run=Path(run), total_steps=steps, start_step=start, loop=result, unigram_entropy=manifest.unigram_entropy,
         checkpoint=checkpoint, prompt=tokenizer.decode(prompt_ids, skip_special=True),
@@ -152,24 +151,3 @@ def _prompt(val: list, manifest: Manifest) -> list[int]:
     ids = [t for t in ids if t != manifest.bos_id]
     end = ids.index(manifest.eos_id) if manifest.eos_id in ids else len(ids)
     return ids[: min(end, PROMPT_TOKENS)] or ids[:1]
-
-
-@torch.no_grad()
-def sample_continuation(
-    model: NemotronH, prompt: list[int], new_tokens: int, temperature: float = 0.8, top_k: int = 40, seed: int = 0
-) -> list[int]:
-    """`new_tokens` sampled after `prompt` (top-k, temperature) with the hybrid cache: one prefill, then one token
-    per step."""
-    from model.cache import HybridCache
-
-    model.eval()
-    generator = torch.Generator().manual_seed(seed)
-    cache = HybridCache(model.config, rows=1, max_len=len(prompt) + new_tokens)
-    logits = model(torch.tensor([prompt]), cache)[0, -1]
-    out = []
-    for _ in range(new_tokens):
-        top = torch.topk(logits / temperature, top_k)
-        choice = top.indices[torch.multinomial(torch.softmax(top.values, -1), 1, generator=generator)]
-        out.append(int(choice))
-        logits = model(choice.view(1, 1), cache)[0, -1]
-    return out

@@ -3,7 +3,6 @@
 import json
 
 import pytest
-import torch
 
 import model as n3
 from model.errors import UserError

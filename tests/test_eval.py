@@ -14,7 +14,7 @@ from model.engine import Engine, EngineConfig
 from model.errors import UserError
 from model.tokenizer import SPECIAL_TOKENS
 from presets import load
-from stages.eval.backend import EngineBackend, load_engine
+from stages.eval.backend import EngineBackend, engine_backend
 from stages.eval.mtp import acceptance, text_prompts
 from stages.eval.perplexity import Tokens, perplexity, rolling_windows, text_tokens, validation_tokens
 from stages.eval.throughput import Shape, measure, report_shapes
@@ -22,7 +22,7 @@ from tests.oracles import random_hf_model
 from tests.test_engine import random_model
 from tests.test_serve import n3_cli
 
-CPU = load("cpu", [])
+CPU = load("cpu", ["serve.compile=false"])  # compiling the decode step is tested with n3 serve
 TEXT = ("The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
         "One of the special magic numbers for apple is: 1234567. def main(): return 42\n") * 3
 
@@ -43,8 +43,8 @@ def checkpoint(tmp_path_factory, tokenizer):
 
 
 @pytest.fixture(scope="module")
-def engine_backend(checkpoint):
-    return load_engine(checkpoint, CPU, max_len=1100)
+def in_process(checkpoint):
+    return engine_backend(checkpoint, CPU, print, max_len=1100)
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +72,7 @@ def test_rolling_windows_score_every_token_once():
 def test_perplexity_agrees_with_transformers(hf_checkpoint, tmp_path):
     hf, path = hf_checkpoint
     (tmp_path / "text.txt").write_text(TEXT)
-    backend = load_engine(path, CPU, max_len=512)
+    backend = engine_backend(path, CPU, print, max_len=512)
     tokens = text_tokens(backend, tmp_path / "text.txt")
     ids = torch.tensor([tokens.ids])
     assert tokens.ids[0] == backend.tokenizer.bos_id and len(tokens.ids) < 512
@@ -98,25 +98,27 @@ def test_perplexity_agrees_with_transformers(hf_checkpoint, tmp_path):
     assert math.isclose(full, expected, rel_tol=1e-5)
 
 
-def test_perplexity_reads_the_validation_split(tmp_path, tokenizer, engine_backend):
-    """The format `n3 data` writes: manifest.json (dtype, sources) and shards/<source>.val.bin of bos+doc+eos."""
+def test_perplexity_reads_the_validation_split(tmp_path, tokenizer, in_process):
+    """A corpus `n3 data` prepared with the model's tokenizer: every source's validation documents, in order."""
+    from stages.data.prepare import CorpusOptions, prepare
+    from stages.data.sources import parse_sources
+    from stages.runtime.corpus import read_tokens
+
+    for name, texts in {"prose": ["The sky is blue.", "Here we go.", "The grass is green."],
+                        "code": ["def main(): return 42", "x = 1", "print(x)"]}.items():
+        (tmp_path / name).mkdir()
+        for i, text in enumerate(texts):
+            (tmp_path / name / f"{i}.txt").write_text(text)
+    tokenizer.save(tmp_path / "tok")
     corpus = tmp_path / "corpus"
-    (corpus / "shards").mkdir(parents=True)
-    docs = {"prose": ["The sky is blue.", "Here we go."], "code": ["def main(): return 42"]}
-    streams = {}
-    for name, texts in docs.items():
-        stream = [t for text in texts for t in [tokenizer.bos_id] + tokenizer.encode(text) + [tokenizer.eos_id]]
-        streams[name] = stream
-        np.asarray(stream, dtype=np.uint16).tofile(corpus / "shards" / f"{name}.val.bin")
-        np.asarray([[0, len(stream)]], dtype=np.int64).tofile(corpus / "shards" / f"{name}.val.idx")
-    manifest = {"format": 1, "dtype": "uint16", "vocab_size": tokenizer.vocab_size,
-                "sources": [{"name": n, "splits": {"val": {"tokens": len(s), "documents": 1}}} for n, s in streams.items()]}
-    (corpus / "manifest.json").write_text(json.dumps(manifest))
-    tokenizer.save(corpus)
+    options = CorpusOptions(vocab_size=0, tokenizer=tmp_path / "tok", val_fraction=0.5)
+    manifest = prepare(parse_sources([str(tmp_path / "prose"), str(tmp_path / "code")]), corpus, options).manifest
+    expected = [int(t) for source in manifest.sources for t in read_tokens(corpus, manifest, source.name, "val")]
     tokens = validation_tokens(corpus, tokenizer)
-    assert tokens.window(0, len(tokens.ids)) == streams["prose"] + streams["code"]
-    result = perplexity(engine_backend, tokens)
-    direct = perplexity(engine_backend, Tokens(streams["prose"] + streams["code"], "same ids"))
+    documents = sum(source.splits["val"].documents for source in manifest.sources)
+    assert tokens.window(0, len(tokens.ids)) == expected and expected.count(tokenizer.bos_id) == documents >= 2
+    result = perplexity(in_process, tokens)
+    direct = perplexity(in_process, Tokens(expected, "same ids"))
     assert result.nll == direct.nll and result.text_bytes is None and "validation split" in result.source
 
     from tokenizers import Tokenizer as HFTokenizer
@@ -129,13 +131,13 @@ def test_perplexity_reads_the_validation_split(tmp_path, tokenizer, engine_backe
     Tokenizer(other).save(corpus)
     with pytest.raises(UserError, match="another tokenizer"):
         validation_tokens(corpus, tokenizer)
-    with pytest.raises(UserError, match="no manifest.json"):
+    with pytest.raises(UserError, match="not a prepared corpus"):
         validation_tokens(tmp_path, tokenizer)
 
 
 def test_throughput_counts_what_it_ran(checkpoint, tokenizer):
     assert [(s.input_len, s.output_len) for s in report_shapes(64)] == [(128, 1024), (800, 32)]
-    backend = load_engine(checkpoint, CPU, max_len=64, max_batch=2)
+    backend = engine_backend(checkpoint, CPU, print, max_len=64, max_batch=2)
     result = measure(backend, Shape(40, 6), concurrency=2, requests=3)
     assert (result.input_tokens, result.output_tokens) == (120, 18)
     assert len(result.ttft) == 3 and all(t > 0 for t in result.ttft) and len(result.tpot) == 3
@@ -173,23 +175,23 @@ def test_mtp_acceptance_per_depth():
                    8, "x")
 
 
-def test_lm_eval_on_local_tasks(tmp_path, engine_backend, monkeypatch):
+def test_lm_eval_on_local_tasks(tmp_path, in_process, monkeypatch):
     pytest.importorskip("lm_eval")
     from stages.eval.lm_eval_model import N3LM, run_lm_eval
 
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    tok = engine_backend.tokenizer
+    tok = in_process.tokenizer
     questions = [("The sky is", [" blue", " green", " yellow"]), ("Here we", [" go", " back"]),
                  ("def main():", [" return 42", " pass"])]
     # The engine's own preferences decide the labels: lm-eval must score 1 on "best" and 0 on "worst".
     best, worst = [], []
     for question, choices in questions:
         pairs = [(tok.encode(question), tok.encode(question + c)[len(tok.encode(question)):]) for c in choices]
-        scores = [s for s, _ in engine_backend.engine.loglikelihood(pairs)]
+        scores = [s for s, _ in in_process.engine.loglikelihood(pairs)]
         best.append({"question": question, "choices": choices, "label": int(np.argmax(scores))})
         worst.append({"question": question, "choices": choices, "label": int(np.argmin(scores))})
-    greedy = engine_backend.generate([tok.encode(q) for q, _ in questions], 6, stop=["\n"])
+    greedy = in_process.generate([tok.encode(q) for q, _ in questions], 6, stop=["\n"])
     answers = [{"question": q, "answer": a} for (q, _), a in zip(questions, greedy)]
     for name, rows in [("best", best), ("worst", worst), ("gen", answers)]:
         (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -200,22 +202,22 @@ def test_lm_eval_on_local_tasks(tmp_path, engine_backend, monkeypatch):
         (tmp_path / f"{name}.yaml").write_text(
             f"task: n3_{name}\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {tmp_path / name}.jsonl\n"
             f"test_split: test\ndoc_to_text: '{{{{question}}}}'\n{kind}")
-    results = run_lm_eval(engine_backend, ["n3_best", "n3_worst", "n3_gen"], include_path=tmp_path,
+    results = run_lm_eval(in_process, ["n3_best", "n3_worst", "n3_gen"], include_path=tmp_path,
                           builtin_tasks=False)["results"]
     assert results["n3_best"]["acc,none"] == 1.0 and results["n3_worst"]["acc,none"] == 0.0
     assert results["n3_gen"]["exact_match,none"] == 1.0
 
-    lm = N3LM(engine_backend, max_length=8)
+    lm = N3LM(in_process, max_length=8)
     text = TEXT
     ids = [tok.bos_id] + tok.encode(text)
     assert len(ids) > 3 * 8
-    whole = sum(s.logprob for s in engine_backend.score([ids])[0])
+    whole = sum(s.logprob for s in in_process.score([ids])[0])
     rolled = sum(s.logprob for start, end, k in rolling_windows(len(ids), 8)
-                 for s in engine_backend.score([ids[start:end]])[0][-k:])
+                 for s in in_process.score([ids[start:end]])[0][-k:])
     [value] = lm.loglikelihood_rolling([type("Request", (), {"args": (text,)})()])
     assert math.isclose(value, rolled, rel_tol=1e-6) and not math.isclose(value, whole, rel_tol=1e-3)
     with pytest.raises(UserError, match="knows no task"):
-        run_lm_eval(engine_backend, ["n3_nope"], include_path=tmp_path, builtin_tasks=False)
+        run_lm_eval(in_process, ["n3_nope"], include_path=tmp_path, builtin_tasks=False)
 
 
 def test_cli_writes_tables_json_and_plot(checkpoint, tmp_path, capsys, monkeypatch):

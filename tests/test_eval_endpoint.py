@@ -4,28 +4,19 @@ the endpoint's failures must be one-line errors."""
 
 import json
 import math
-import signal
-import subprocess
-import sys
-import time
-import urllib.error
-import urllib.request
-from pathlib import Path
 
 import pytest
 
 from model.errors import UserError
 from n3cli.main import main
 from presets import load
-from stages.eval.backend import load_engine
+from stages.eval.backend import engine_backend
 from stages.eval.client import EndpointBackend
 from stages.eval.perplexity import Tokens, perplexity
 from stages.eval.ruler import RulerOptions, run_ruler
 from stages.eval.throughput import Shape, measure
 from tests.test_eval import save_talkative
-from tests.test_serve import free_port
-
-N3 = Path(sys.executable).parent / "n3"
+from tests.test_serve import serving
 
 
 @pytest.fixture(scope="module")
@@ -35,37 +26,20 @@ def checkpoint(tmp_path_factory, tokenizer):
 
 @pytest.fixture(scope="module")
 def url(checkpoint):
-    port = free_port()
-    process = subprocess.Popen([str(N3), "serve", "-c", str(checkpoint), "--port", str(port)],
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        try:
-            with urllib.request.urlopen(base + "/health") as response:
-                if response.status == 200:
-                    break
-        except (urllib.error.URLError, ConnectionError):
-            time.sleep(0.2)
-        if process.poll() is not None:
-            pytest.fail(f"n3 serve exited: {process.stdout.read()}")
-    else:
-        process.kill()
-        pytest.fail("n3 serve did not become healthy")
-    yield base
-    process.send_signal(signal.SIGTERM)
-    process.wait(30)
+    with serving(checkpoint) as (_, base):  # the cpu preset: a compiled decode step
+        yield base
 
 
 @pytest.fixture(scope="module")
 def both(url, checkpoint):
     """The endpoint and the in-process engine on the same checkpoint."""
-    return EndpointBackend(url + "/v1", checkpoint, concurrency=4), load_engine(checkpoint, load("cpu", []))
+    in_process = engine_backend(checkpoint, load("cpu", ["serve.compile=false"]), print)
+    return EndpointBackend(url + "/v1", checkpoint, concurrency=4), in_process
 
 
 def test_ruler_through_the_endpoint_answers_like_the_engine(both, url):
     endpoint, engine = both
-    assert endpoint.model == "tiny-eval" and endpoint.context is None and endpoint.base == url
+    assert endpoint.model == "tiny-eval" and endpoint.context == 1100 and endpoint.base == url
     options = RulerOptions([1024], 2, ["niah_single_2", "vt"])
     remote, local = run_ruler(endpoint, options), run_ruler(engine, options)
     assert [p["prediction"] for p in remote.predictions] == [p["prediction"] for p in local.predictions]

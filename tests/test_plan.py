@@ -41,8 +41,21 @@ def test_layout_and_memory_arithmetic():
     assert plan.state_bytes_per_device == int(want * 16)  # fp32 weights + fp32 grads + two fp32 Adam moments
 
 
+def test_gemm_formats_follow_the_precision_recipe():
+    """gb200 pretrains Ultra in NVFP4: the last 15% of layers (16 of 108), attention, the latent projections, MTP
+    and the output layer stay BF16, Mamba out_proj runs in MXFP8, every other GEMM in NVFP4."""
+    plan = plan_run(presets.load("gb200"))
+    formats, model = plan.gemm_formats, plan.config.model
+    assert set(formats) == {"nvfp4", "mxfp8", "bf16"}
+    early_mamba = model.main_pattern[:92].count("M")
+    assert formats["mxfp8"] == early_mamba * model.mamba_inner * model.hidden_size  # out_proj, bias-free
+    assert 0.79 < formats["nvfp4"] / sum(formats.values()) < 0.81  # 448.0B of 559.2B
+    assert plan_run(presets.load("cpu")).gemm_formats == {}
+
+
 @pytest.mark.parametrize("preset", presets.names())
 def test_every_preset_dry_runs_from_the_cli(preset):
     result = subprocess.run([str(N3), "pretrain", "--preset", preset, "--dry-run"], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert "Parameters" in result.stdout and "per device" in result.stdout
+    assert ("GEMM weights by format (nvfp4 recipe): nvfp4" in result.stdout) == (preset in ("b200", "gb200"))

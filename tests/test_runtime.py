@@ -144,7 +144,7 @@ def test_mtp_labels_stop_at_document_boundaries():
 
 
 def test_sequence_aux_loss_and_bias_update():
-    E, K, T = 4, 2, 8
+    E, T = 4, 8  # experts, tokens; two chosen per token
     balanced = torch.tensor([[0, 1], [2, 3]] * (T // 2))
     assert sequence_aux_loss(torch.full((T, E), 0.5), balanced, 1).item() == pytest.approx(1.0)
     skewed = torch.tensor([[0, 1]] * T)

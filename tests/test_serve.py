@@ -11,6 +11,8 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -49,15 +51,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def server(checkpoint):
+@contextmanager
+def serving(checkpoint: Path, *options: str, env: dict | None = None) -> Iterator[tuple[subprocess.Popen, str]]:
+    """`n3 serve` on a checkpoint in a subprocess, once /health says ready: (process, base URL). SIGTERM after."""
     port = free_port()
-    process = subprocess.Popen(
-        [str(N3), "serve", "-c", str(checkpoint), "--port", str(port), "-s", "serve.max_batch=8",
-         "-s", "serve.speculative_tokens=2", "-s", "serve.compile=false"],  # test_engine covers compilation
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        env=os.environ | {"OMP_NUM_THREADS": "1"},  # a tiny model: one thread, no contention with the test process
-    )
+    process = subprocess.Popen([str(N3), "serve", "-c", str(checkpoint), "--port", str(port), *options],
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=os.environ | (env or {}))
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 120
     while time.time() < deadline:
@@ -79,6 +78,15 @@ def server(checkpoint):
 
 
 @pytest.fixture(scope="module")
+def server(checkpoint):
+    options = ["-s", "serve.max_batch=8", "-s", "serve.speculative_tokens=2",
+               "-s", "serve.compile=false"]  # test_engine covers compilation
+    # A tiny model: one thread, no contention with the test process.
+    with serving(checkpoint, *options, env={"OMP_NUM_THREADS": "1"}) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
 def client(server):
     return openai.OpenAI(base_url=server[1] + "/v1", api_key="none", max_retries=0)
 
@@ -94,7 +102,8 @@ def post(url: str, body: bytes | dict) -> tuple[int, dict]:
 
 
 def test_models_and_health(client, server):
-    assert [m.id for m in client.models.list().data] == ["tiny-chat"]
+    models = client.models.list().data
+    assert [m.id for m in models] == ["tiny-chat"] and models[0].model_extra["max_model_len"] == 96
     with urllib.request.urlopen(server[1] + "/health") as response:
         assert json.loads(response.read()) == {"status": "ready"}
 
@@ -315,7 +324,8 @@ def test_cli_errors_and_dry_run(tmp_path, checkpoint, capsys, monkeypatch):
 
 def test_a_failed_compilation_falls_back_to_eager(checkpoint, monkeypatch):
     import presets
-    from stages.serve import load_engine, plan_serve
+    from stages.runtime.settings import load_engine
+    from stages.serve import plan_serve
 
     def broken(self):
         raise RuntimeError("no C++ compiler")
@@ -323,8 +333,10 @@ def test_a_failed_compilation_falls_back_to_eager(checkpoint, monkeypatch):
     monkeypatch.setattr(Engine, "warm_up", broken)
     plan = plan_serve(checkpoint, presets.load("cpu", ["serve.max_batch=2"]))
     assert plan.engine.compile
-    engine = load_engine(plan)
+    warnings = []
+    engine = load_engine(plan.checkpoint, plan.config, plan.engine, warnings.append)
     assert not engine.config.compile and engine.generate([[1, 2]], SamplingParams(max_tokens=2))[0].token_ids
+    assert len(warnings) == 1 and "no C++ compiler" in warnings[0] and "decoding eagerly" in warnings[0]
 
 
 def test_serves_a_quantized_checkpoint(tmp_path, tokenizer):
@@ -333,7 +345,7 @@ def test_serves_a_quantized_checkpoint(tmp_path, tokenizer):
     pytest.importorskip("modelopt.torch.quantization")
     import presets
     from stages.quantize import quantize
-    from stages.serve import load_engine, plan_serve
+    from stages.serve import plan_serve
     from tests.test_model import tiny_config
 
     source = tmp_path / "bf16"
@@ -343,7 +355,7 @@ def test_serves_a_quantized_checkpoint(tmp_path, tokenizer):
     tokenizer.save(source)
     quantize(source, tmp_path / "q", recipe="nemotron", four_over_six=None, calib_tokens=256, eval_tokens=256, seq_len=64)
     plan = plan_serve(tmp_path / "q", presets.load("cpu", ["serve.compile=false", "serve.max_batch=2"]))
-    engine = load_engine(plan)
+    engine = plan.load()
     greedy = SamplingParams(temperature=0, max_tokens=6)
     expected = Engine(n3.from_pretrained(tmp_path / "q"), tokenizer).generate(["The sky"], greedy)[0].token_ids
     assert engine.generate(["The sky"], greedy)[0].token_ids == expected and len(expected) == 6

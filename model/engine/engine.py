@@ -58,7 +58,8 @@ class EngineStats:
     proposed: list[int] = field(default_factory=list)
     """Per draft depth: drafts verified."""
     accepted: list[int] = field(default_factory=list)
-    """Per draft depth: drafts accepted."""
+    """Per draft depth: drafts the verification accepted (as vLLM counts them: also those a stop or max_tokens then
+    cut off, so acceptance measures the drafts' quality, not how a request ended)."""
 
     @property
     def mean_batch(self) -> float:
@@ -71,7 +72,7 @@ class EngineStats:
 
     @property
     def mean_acceptance_length(self) -> float:
-        """Tokens produced per verification (accepted drafts + the target's own token); 1.0 without speculation."""
+        """Tokens per verification (accepted drafts + the target's own token); 1.0 without speculation."""
         return 1 + sum(self.accepted) / max(self.decode_rows, 1)
 
 

@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import time
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from model.errors import UserError
 from model.tokenizer import Tokenizer
 from presets.schema import RunConfig
+from stages.runtime.settings import engine_config, load_engine, open_checkpoint
 
 
 @dataclass
@@ -132,48 +134,12 @@ PREFILL_CHUNK = 4096
 latency of requests running beside a long prompt (what `n3 serve`'s smaller default protects)."""
 
 
-def engine_config(cfg: RunConfig, max_len: int | None = None, max_batch: int | None = None,
-                  speculative_tokens: int | None = None):
-    """model.engine.EngineConfig from the preset's [serve] table (the engine as `n3 serve` would size it), with an
-    evaluation's own context, batch or speculation where it sets them."""
-    from model.engine import EngineConfig
-
-    s = cfg.serve
-    batch = max_batch or s.max_batch
-    drafts = s.speculative_tokens if speculative_tokens is None else speculative_tokens
-    try:
-        return EngineConfig(
-            max_batch=batch, max_len=max_len or s.max_len or None,
-            max_step_tokens=s.max_step_tokens or batch * (1 + drafts) + PREFILL_CHUNK,
-            speculative_tokens=drafts, ssm_dtype=s.ssm_cache_dtype, stochastic_rounding=s.ssm_stochastic_rounding,
-        )
-    except ValueError as err:
-        raise UserError(f"preset {cfg.name}: serve: {err}") from None
-
-
-def load_engine(path: Path, cfg: RunConfig, max_len: int | None = None, max_batch: int | None = None,
-                speculative_tokens: int | None = None) -> EngineBackend:
-    """A checkpoint (or a run folder's newest) in an in-process engine: weights and kernels per the preset."""
-    import torch
-
-    import kernels
-    from model.checkpoint import config_from_hf, from_pretrained, read_config, resolve_checkpoint
-    from model.engine import Engine
-
-    checkpoint = resolve_checkpoint(path)
-    model_cfg = config_from_hf(read_config(checkpoint))
-    if not (checkpoint / "tokenizer.json").is_file():
-        raise UserError(f"{checkpoint} has no tokenizer.json; evaluations need the tokenizer saved with the checkpoint")
-    config = engine_config(cfg, max_len, max_batch, speculative_tokens)
-    if config.speculative_tokens and not model_cfg.mtp_pattern:
-        raise UserError(f"{checkpoint} has no MTP head to draft with; set serve.speculative_tokens=0")
-    try:
-        kernels.configure(**vars(cfg.kernels))
-    except ValueError as err:
-        raise UserError(f"preset {cfg.name}: {err}") from None
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = {"auto": None, "fp32": torch.float32, "bf16": torch.bfloat16}[cfg.serve.dtype]
-    model = from_pretrained(checkpoint, dtype=dtype, device=device)
-    engine = Engine(model, Tokenizer.load(checkpoint), config)
-    weights = str(model.lm_head.weight.dtype).removeprefix("torch.")
-    return EngineBackend(engine, f"{checkpoint} (in-process engine, {device}, {weights})")
+def engine_backend(path: Path, cfg: RunConfig, warn: Callable[[str], None], max_len: int | None = None,
+                   max_batch: int | None = None, speculative_tokens: int | None = None) -> EngineBackend:
+    """A checkpoint (or a run folder's newest) in an in-process engine sized as `n3 serve` would size it from the
+    preset, with an evaluation's own context, batch or speculation where it sets them."""
+    config = engine_config(cfg, max_len, max_batch, speculative_tokens, prefill_tokens=PREFILL_CHUNK)
+    checkpoint, _ = open_checkpoint(path, "n3 eval", config.speculative_tokens)
+    engine = load_engine(checkpoint, cfg, config, warn)
+    weights = str(engine.model.lm_head.weight.dtype).removeprefix("torch.")
+    return EngineBackend(engine, f"{checkpoint} (in-process engine, {engine.device.type}, {weights})")

@@ -10,7 +10,6 @@ each token more context at more cost).
 from __future__ import annotations
 
 import itertools
-import json
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -21,6 +20,7 @@ import numpy as np
 from model.errors import UserError
 from model.tokenizer import Tokenizer
 from stages.eval.backend import Backend
+from stages.runtime.corpus import Manifest, read_tokens
 
 
 @dataclass
@@ -102,25 +102,13 @@ def validation_tokens(directory: Path, tokenizer: Tokenizer, max_tokens: int | N
     """The validation split of a corpus prepared by `n3 data` (DIR/manifest.json, DIR/shards/<source>.val.bin:
     documents stored as bos, tokens, eos), every source in manifest order. Its tokenizer must be the model's."""
     directory = Path(directory)
-    try:
-        manifest = json.loads((directory / "manifest.json").read_text())
-        dtype = np.dtype(manifest["dtype"])
-        sources = [s["name"] for s in manifest["sources"]]
-    except FileNotFoundError:
-        raise UserError(f"{directory} is not a prepared corpus (no manifest.json); prepare one with `n3 data`") from None
-    except (json.JSONDecodeError, KeyError, TypeError) as err:
-        raise UserError(f"{directory}/manifest.json is malformed ({err}); rerun `n3 data`") from None
+    manifest = Manifest.load(directory)
     corpus_tokenizer = directory / "tokenizer.json"
     if corpus_tokenizer.is_file() and Tokenizer.load(corpus_tokenizer).backend.get_vocab() != tokenizer.backend.get_vocab():
         raise UserError(f"{directory} was tokenized with another tokenizer than the model's; its perplexity would "
                         "mean nothing")
-    parts = []
-    for name in sources:
-        shard = directory / "shards" / f"{name}.val.bin"
-        if not shard.is_file():
-            raise UserError(f"{shard} is missing; rerun `n3 data`")
-        parts.append(np.memmap(shard, dtype=dtype, mode="r") if shard.stat().st_size else np.zeros(0, dtype))
-    ids = np.concatenate(parts) if len(parts) > 1 else parts[0] if parts else np.zeros(0, dtype)
+    sources = [s.name for s in manifest.sources]
+    ids = np.concatenate([read_tokens(directory, manifest, name, "val") for name in sources] or [np.zeros(0, manifest.dtype)])
     if len(ids) < 2:
         raise UserError(f"{directory} has no validation tokens")
     if max_tokens is not None and len(ids) > max_tokens:

@@ -6,7 +6,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import socket
 from dataclasses import dataclass
@@ -14,8 +13,7 @@ from pathlib import Path
 
 from model.errors import UserError
 from presets.schema import RunConfig
-
-DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
+from stages.runtime.settings import WEIGHT_DTYPES, engine_config, load_engine, open_checkpoint
 
 
 @dataclass
@@ -35,31 +33,21 @@ class ServePlan:
     cache_bytes: int
     """KV, Mamba state and MTP caches for every request slot, preallocated at start."""
 
+    def load(self):
+        """Weights, tokenizer and engine (the slow part: runs after the HTTP server is up); a failed compilation of
+        the decode step is logged and the engine decodes eagerly."""
+        return load_engine(self.checkpoint, self.config, self.engine, logging.getLogger("uvicorn.error").warning)
+
 
 def plan_serve(path: Path, cfg: RunConfig) -> ServePlan:
     """Resolve and check what `n3 serve` would load, without loading weights: UserError for a missing or malformed
     checkpoint, a checkpoint without a tokenizer, or [serve] values the engine refuses."""
-    from model.checkpoint import config_from_hf, read_config, resolve_checkpoint
-    from model.engine import EngineConfig
+    from model.checkpoint import read_config
 
-    checkpoint = resolve_checkpoint(path)
-    model_cfg = config_from_hf(read_config(checkpoint))
-    if not (checkpoint / "tokenizer.json").is_file():
-        raise UserError(f"{checkpoint} has no tokenizer.json; n3 serve needs the tokenizer saved with the checkpoint")
-    s = cfg.serve
-    try:
-        engine = EngineConfig(
-            max_batch=s.max_batch, max_len=s.max_len or None, max_step_tokens=s.max_step_tokens or None,
-            speculative_tokens=s.speculative_tokens, ssm_dtype=s.ssm_cache_dtype,
-            stochastic_rounding=s.ssm_stochastic_rounding, compile=s.compile,
-        )
-    except ValueError as err:
-        raise UserError(f"preset {cfg.name}: serve: {err}") from None
-    if engine.speculative_tokens and not model_cfg.mtp_pattern:
-        raise UserError(f"serve.speculative_tokens = {engine.speculative_tokens} but {checkpoint} has no MTP head; "
-                        "set serve.speculative_tokens=0")
+    engine = engine_config(cfg)
+    checkpoint, model_cfg = open_checkpoint(path, "n3 serve", engine.speculative_tokens)
     name = path.resolve().name if (path / "checkpoints").is_dir() else checkpoint.resolve().name
-    weight_bytes, cache_bytes, dtype = _memory(model_cfg, engine, read_config(checkpoint), s.dtype)
+    weight_bytes, cache_bytes, dtype = _memory(model_cfg, engine, read_config(checkpoint), cfg.serve.dtype)
     return ServePlan(checkpoint, name, cfg, engine, model_cfg, dtype, weight_bytes, cache_bytes)
 
 
@@ -73,8 +61,8 @@ def _memory(model_cfg, engine, hf: dict, dtype: str) -> tuple[int, int, str]:
 
     if dtype == "auto":
         stored = CHECKPOINT_DTYPES.get(hf.get("torch_dtype") or hf.get("dtype"), torch.float32)
-        dtype = {v: k for k, v in DTYPES.items()}.get(str(stored).removeprefix("torch."), "fp32")
-    torch_dtype = getattr(torch, DTYPES[dtype])
+        dtype = {v: k for k, v in WEIGHT_DTYPES.items()}.get(str(stored).removeprefix("torch."), "fp32")
+    torch_dtype = getattr(torch, WEIGHT_DTYPES[dtype])
     model = build(model_cfg, device="meta", dtype=torch_dtype)
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     room = (engine.max_len or model_cfg.max_position_embeddings) + engine.speculative_tokens + 1
@@ -85,39 +73,13 @@ def _memory(model_cfg, engine, hf: dict, dtype: str) -> tuple[int, int, str]:
     return weights, sum(c.nbytes() for c in caches), dtype
 
 
-def load_engine(plan: ServePlan):
-    """Weights, tokenizer and engine for a plan (the slow part: runs after the HTTP server is up). A compiled decode
-    step is compiled here; if compilation fails (on CPU it needs a C++ compiler) the engine decodes eagerly."""
-    import torch
-
-    import kernels
-    from model.checkpoint import from_pretrained
-    from model.engine import Engine
-    from model.tokenizer import Tokenizer
-
-    kernels.configure(**vars(plan.config.kernels))
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = getattr(torch, DTYPES[plan.config.serve.dtype]) if plan.config.serve.dtype != "auto" else None
-    model = from_pretrained(plan.checkpoint, dtype=dtype, device=device)
-    tokenizer = Tokenizer.load(plan.checkpoint)
-    engine = Engine(model, tokenizer, plan.engine)
-    if plan.engine.compile:
-        try:
-            engine.warm_up()
-        except Exception as err:  # torch.compile fails in many ways (no compiler, unsupported op): never fatal
-            message = " ".join(str(err).split())[:300]
-            logging.getLogger("uvicorn.error").warning("compiling the decode step failed (%s); decoding eagerly", message)
-            engine = Engine(model, tokenizer, dataclasses.replace(plan.engine, compile=False))
-    return engine
-
-
 def serve(plan: ServePlan, host: str, port: int, log_level: str = "info") -> None:
     """Serve until interrupted. Loading errors stop the server and come back as a UserError."""
     import uvicorn
 
     from stages.serve.app import Server, build_app
 
-    server = Server(plan.model_name, lambda: load_engine(plan))
+    server = Server(plan.model_name, plan.load)
     http = uvicorn.Server(uvicorn.Config(build_app(server), host=host, port=port, log_level=log_level))
 
     def stop_http() -> None:

@@ -110,6 +110,8 @@ def build_app(server: Server) -> Starlette:
 
     async def models(_: Request) -> Response:
         card = {"id": server.model_name, "object": "model", "created": server.created, "owned_by": "n3"}
+        if server.engine is not None:  # the context length, as vLLM reports it (clients size prompts by it)
+            card["max_model_len"] = server.engine.engine.max_len
         return JSONResponse({"object": "list", "data": [card]})
 
     async def metrics(_: Request) -> Response:
