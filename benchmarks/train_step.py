@@ -5,13 +5,16 @@ process on the same config, weights and batch, steps interleaved so both see the
     python benchmarks/train_step.py --shape small --device cuda --dtype bf16 --batch 4 --seq-len 4096
 
 n3 runs its training path (runtime.losses.CausalLMObjective: fused linear cross-entropy, MoE statistics, residual
-norms); transformers runs `model(input_ids, labels=labels).loss`. Both without MTP (transformers has none), on the
-shape's main pattern. With --mtp n3 alone also trains its MTP depths, for its own throughput and MFU.
+norms) twice, eagerly and with its Mamba, attention and MLP blocks compiled (`train.compile`), from the same weights;
+transformers runs `model(input_ids, labels=labels).loss`. All without MTP (transformers has none), on the shape's
+main pattern; a `ratio` line per n3 variant. With --mtp n3 alone also trains its MTP depths, for its own throughput
+and MFU.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import statistics
 import tempfile
 import time
@@ -21,6 +24,7 @@ import torch
 import presets
 from model.checkpoint import save_pretrained
 from model.hybrid import build
+from stages.runtime.compiling import compile_blocks
 from stages.runtime.losses import CausalLMObjective
 from stages.runtime.metrics import flops_per_token, peak_flops
 from stages.runtime.optim import build_optimizer
@@ -51,19 +55,13 @@ def main() -> None:
 
     ours = build(cfg.model).to(device)
     depths = cfg.train.mtp_depths if args.mtp else 0
-    objective = CausalLMObjective(ours, depths)
     weights = [1 / tokens] + [cfg.train.mtp_loss_scale / max(depths, 1) / tokens] * depths + [cfg.train.aux_loss_coeff]
-    ours_optimizer = build_optimizer(objective, cfg.train)
-
-    def n3_step() -> float:
-        with autocast:
-            out = objective(inputs, labels, weights)
-        out["loss"].backward()
-        ours_optimizer.step()
-        ours_optimizer.zero_grad(set_to_none=True)
-        return out["head_sums"][0].item() / tokens
-
-    steps = {"n3": n3_step}
+    steps = {}
+    for name in ("n3 eager", "n3 compiled"):
+        model = copy.deepcopy(ours)
+        if name == "n3 compiled" and not compile_blocks(model, print):
+            continue
+        steps[name] = _n3_step(CausalLMObjective(model, depths), cfg, inputs, labels, weights, autocast)
     if not args.mtp:
         steps["transformers"] = _transformers_step(ours, cfg, inputs, labels, autocast)
     times = {name: [] for name in steps}
@@ -87,7 +85,22 @@ def main() -> None:
         mfu = f", MFU {100 * r * flops / peak:.1f}%" if peak else ""
         print(f"{name:>12}: {r:10.0f} tokens/s{mfu}")
     if "transformers" in rate:
-        print(f"ratio {rate['n3'] / rate['transformers']:.2f}")
+        for name in [n for n in rate if n != "transformers"]:
+            print(f"ratio {rate[name] / rate['transformers']:.2f} ({name})")
+
+
+def _n3_step(objective, cfg, inputs, labels, weights, autocast):
+    optimizer = build_optimizer(objective, cfg.train)
+
+    def step() -> float:
+        with autocast:
+            out = objective(inputs, labels, weights)
+        out["loss"].backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return out["head_sums"][0].item() / inputs.numel()
+
+    return step
 
 
 def _transformers_step(ours, cfg, inputs, labels, autocast):

@@ -134,6 +134,9 @@ class TrainConfig:
     """Warn when a layer's residual RMS exceeds this multiple of its running average."""
     peak_tflops: float = field(default=0.0, metadata={"min": 0})
     """Peak dense TFLOP/s of one device, for the MFU estimate; 0 looks the GPU up or measures the CPU's matmul."""
+    compile: bool = False
+    """torch.compile each Mamba, attention and MLP block (LatentMoE blocks stay eager); trains eagerly, with a note,
+    where torch.compile cannot build code (on CPU it needs a C++ compiler)."""
 
 
 @dataclass

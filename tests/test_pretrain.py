@@ -165,12 +165,14 @@ def test_a_finished_run_resumes_to_its_report(trained, capsys):
 
 
 def test_low_precision_compute_converts_the_model(small_corpus, tmp_path):
-    """precision.compute = nvfp4 goes through model.lowp's converter (emulated on a CPU) before training."""
-    process = n3_process("pretrain", "--out", str(tmp_path / "fp4"),
-                         *settings(small_corpus, "train.steps=2", "precision.compute=nvfp4", "train.mtp_depths=0"))
+    """precision.compute = nvfp4 goes through model.lowp's converter (emulated on a CPU) before training, and the
+    converted blocks compile (train.compile)."""
+    process = n3_process("pretrain", "--out", str(tmp_path / "fp4"), *settings(
+        small_corpus, "train.steps=2", "precision.compute=nvfp4", "train.mtp_depths=0", "train.compile=true"))
     out, err = process.communicate(timeout=300)
     assert process.returncode == 0, err
     assert "low precision (emulated)" in " ".join(err.split()) and "nvfp4" in err
+    assert "Mamba, attention and MLP blocks compile" in " ".join(err.split())
     losses = [r["loss"] for r in read_metrics(tmp_path / "fp4" / "metrics.jsonl")]
     assert len(losses) == 2 and all(0 < loss < 20 for loss in losses)
 

@@ -16,7 +16,7 @@ from stages.runtime.batches import PackedBatches, validation_batches
 from stages.runtime.corpus import Manifest, read_index, read_tokens
 from stages.runtime.losses import CausalLMObjective, mtp_labels, sequence_aux_loss, update_expert_bias
 from stages.runtime.metrics import Monitor, max_violation
-from stages.runtime.optim import param_groups, wsd_lr
+from stages.runtime.optim import build_optimizer, param_groups, wsd_lr
 from tests.test_model import tiny_config
 
 
@@ -175,6 +175,38 @@ def test_objective_reports_every_term():
     assert out["residual_rms"].shape == (5,) and model.model.residual_rms is None
     out["loss"].backward()
     assert [n for n, p in objective.named_parameters() if p.grad is None] == []
+
+
+def test_compiled_blocks_train_like_eager_ones(monkeypatch):
+    """train.compile: Mamba, attention and MLP blocks (main stack and MTP head) compiled, MoE blocks eager; three
+    optimizer steps give the eager losses. Where torch.compile cannot build code, a note and eager training."""
+    from stages.runtime import compiling
+
+    train = presets.load("cpu").train
+    ids = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(1))
+    labels = torch.roll(ids, -1, 1)
+
+    def losses(compile: bool) -> list[float]:
+        torch.manual_seed(0)
+        objective = CausalLMObjective(build(tiny_config(pattern="M*-E/*E")), mtp_depths=2)
+        notes = []
+        compiled = compiling.compile_blocks(objective.model, notes.append) if compile else 0
+        assert compiled == (4 if compile else 0) and len(notes) == compile
+        optimizer = build_optimizer(objective, train)
+        result = []
+        for _ in range(3):
+            out = objective(ids, labels, [1 / 32, 0.1 / 32, 0.1 / 32, 1e-4])
+            out["loss"].backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            result.append(out["loss"].item())
+        return result
+
+    assert losses(True) == pytest.approx(losses(False), rel=1e-5)
+    monkeypatch.setattr(compiling, "_toolchain_problem", lambda: "no C++ compiler")
+    notes = []
+    assert compiling.compile_blocks(build(tiny_config()), notes.append) == 0
+    assert notes == ["train.compile: torch.compile does not work here (no C++ compiler); training eagerly"]
 
 
 def test_monitor_warns_on_maxvio_and_residual_jumps():

@@ -112,16 +112,19 @@ def prepare_model(
     objective: nn.Module, cfg: RunConfig, world: World, note: Callable[[str], None] = lambda message: None
 ) -> nn.Module:
     """The one place a model becomes trainable: master-weight dtype, then the low-precision converter (fp8, nvfp4:
-    model.lowp, on the unwrapped modules), then DDP or FSDP2. Returns what the loop calls; `note` hears what the
-    converter did."""
+    model.lowp, on the unwrapped modules), then per-block compilation (train.compile), then DDP or FSDP2. Returns what
+    the loop calls; `note` hears what the converter and the compiler did."""
     from model.hybrid import cast
     from model.lowp import LOW_PRECISION_COMPUTE, convert
+    from stages.runtime.compiling import compile_blocks
 
     objective.to(world.device)
     if cfg.precision.params == "bf16":
         cast(objective, torch.bfloat16)
     if cfg.precision.compute in LOW_PRECISION_COMPUTE:
         note(convert(objective.model, cfg.precision).summary())
+    if cfg.train.compile:
+        compile_blocks(objective.model, note)
     if not world.distributed:
         return objective
     if cfg.parallel.strategy == "ddp":
