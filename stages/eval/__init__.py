@@ -1,7 +1,7 @@
 """`n3 eval`: RULER, perplexity, throughput, MTP acceptance and lm-evaluation-harness, each against a checkpoint in
 an in-process engine or any OpenAI-compatible endpoint (REFERENCE.md section 6).
 
-    backend = load_engine(checkpoint, cfg)                # stages.eval.backend
+    backend = engine_backend(checkpoint, cfg, print)      # stages.eval.backend
     backend = EndpointBackend(url, tokenizer_path)        # stages.eval.client
     run_ruler(backend, RulerOptions(lengths, samples))    # stages.eval.ruler
     perplexity(backend, text_tokens(backend, path))       # stages.eval.perplexity

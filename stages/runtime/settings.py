@@ -1,8 +1,8 @@
 """What a preset decides for any stage that runs a model: kernel backends, the weights' dtype, and the inference
 engine (its [serve] table). One place, so pretrain, serve and eval read a preset the same way.
 
-    configure_kernels(cfg)                             # the [kernels] table, before building a model
-    checkpoint, model_cfg = open_checkpoint(path, "n3 serve")   # resolved and checked, nothing loaded
+    configure_kernels(cfg)                                     # the [kernels] table, before building a model
+    checkpoint, model_cfg = open_checkpoint(path, "n3 serve")  # resolved and checked, nothing loaded
     engine = load_engine(checkpoint, cfg, engine_config(cfg, max_len=4096), warn=log.warning)
 """
 
