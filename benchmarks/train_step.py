@@ -25,11 +25,11 @@ import presets
 from model.checkpoint import save_pretrained
 from model.hybrid import build
 from stages.runtime.compiling import compile_blocks
+from stages.runtime.distributed import DTYPES
 from stages.runtime.losses import CausalLMObjective
 from stages.runtime.metrics import flops_per_token, peak_flops
 from stages.runtime.optim import build_optimizer
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 def main() -> None:

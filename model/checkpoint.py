@@ -154,6 +154,11 @@ def newest_run(root: str | Path = "runs") -> Path | None:
     return max(checkpoints, key=lambda step: (step / "config.json").stat().st_mtime).parent.parent
 
 
+def stored_dtype(hf: dict) -> torch.dtype | None:
+    """The dtype a config.json records (`torch_dtype`, or transformers 5's `dtype`); None when it names none."""
+    return DTYPES.get(hf.get("torch_dtype") or hf.get("dtype"))
+
+
 def read_config(path: str | Path) -> dict:
     """The parsed config.json of a checkpoint directory, with a clear error when it is missing or malformed."""
     path = Path(path)
@@ -235,7 +240,7 @@ def from_pretrained(
     if not cfg.mtp_pattern:  # transformers ignores MTP weights of a model configured without MTP; so do we
         tensors = {k: v for k, v in tensors.items() if not k.startswith("mtp.")}
     if dtype is None:
-        dtype = DTYPES.get(hf.get("torch_dtype") or hf.get("dtype"), tensors["lm_head.weight"].dtype)
+        dtype = stored_dtype(hf) or tensors["lm_head.weight"].dtype
     with torch.device("meta"):
         model = NemotronH(cfg)
     expected = model.state_dict()

@@ -55,7 +55,7 @@ def _cuda() -> bool:
 
 
 def _open_backend(checkpoint: Path | None, endpoint: str | None, tokenizer: Path | None, model: str | None,
-                  concurrency: int, preset: str, overrides: list[str] | None, **engine: int | None):
+                  concurrency: int, preset: str, overrides: list[str] | None, **engine: int | bool | None):
     """The evaluation backend the options name: an endpoint, or a checkpoint loaded in-process."""
     from model.checkpoint import newest_run
     from model.errors import UserError
@@ -194,7 +194,7 @@ def perplexity(
     if (text is None) == (data is None):
         raise UserError("give --text FILE or --data DIR (a corpus prepared by `n3 data`)")
     backend = _open_backend(checkpoint, endpoint, tokenizer, model, concurrency, preset, overrides,
-                            max_len=window + 1 if window else None)
+                            max_len=window + 1 if window else None, compile=False)  # scoring never decodes
     tokens = (ppl.text_tokens(backend, text, max_tokens) if text is not None
               else ppl.validation_tokens(data, backend.tokenizer, max_tokens))
     with _progress("scoring windows", None) as advance:

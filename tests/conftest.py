@@ -1,6 +1,8 @@
 """Shared fixtures and hooks: `gpu` tests skip without CUDA; a small byte-level BPE tokenizer with n3's reserved
 tokens, trained once per session; a small prepared corpus (two sources, one marked quality), once per session."""
 
+import socket
+
 import pytest
 
 TEXT = (
@@ -35,6 +37,13 @@ def tokenizer():
     )
     backend.train_from_iterator([TEXT] * 20, trainer)
     return Tokenizer(backend)
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def write_documents(folder, count: int, seed: int, kind: str) -> None:

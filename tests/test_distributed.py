@@ -2,7 +2,6 @@
 output layer is still averaged in fp32 (parallel.output_grad_fp32), every other weight in bf16."""
 
 import os
-import socket
 
 import pytest
 import torch
@@ -13,6 +12,7 @@ from kernels.cross_entropy import IGNORE
 from model.hybrid import build
 from stages.runtime import distributed
 from stages.runtime.losses import CausalLMObjective
+from tests.conftest import free_port
 from tests.test_model import tiny_config
 
 OUTPUT = "model.lm_head.weight"
@@ -49,12 +49,6 @@ def worker(rank: int, port: int, output_fp32: bool, results) -> None:
             results.put({name: grad.numpy() for name, grad in gradients(wrapped).items()})
     finally:
         distributed.teardown()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.parametrize("output_fp32", [True, False])

@@ -235,9 +235,12 @@ def test_cli_writes_tables_json_and_plot(checkpoint, tmp_path, capsys, monkeypat
     assert all(r["prediction"] for r in rows)
 
     (tmp_path / "text.txt").write_text(TEXT)
-    status, stdout, err = n3_cli(capsys, "eval", "perplexity", "-c", str(checkpoint), "--text",
-                                  str(tmp_path / "text.txt"), "--window", "64", "--out", str(tmp_path / "ppl"))
-    assert status == 0, err
+    warmed = []
+    with monkeypatch.context() as patch:  # scoring never decodes: nothing to compile
+        patch.setattr(Engine, "warm_up", lambda engine: warmed.append(engine))
+        status, stdout, err = n3_cli(capsys, "eval", "perplexity", "-c", str(checkpoint), "--text",
+                                      str(tmp_path / "text.txt"), "--window", "64", "--out", str(tmp_path / "ppl"))
+    assert status == 0 and warmed == [], err
     assert "bits per byte" in stdout and json.loads((tmp_path / "ppl/perplexity.json").read_text())["window"] == 64
     status, stdout, err = n3_cli(capsys, "eval", "throughput", "-c", str(checkpoint), "--shapes", "32:4,48:2",
                                   "--concurrency", "2", "--requests", "2", "--out", str(tmp_path / "tp"))

@@ -22,6 +22,7 @@ import model as n3
 from model.engine import Engine, EngineConfig, SamplingParams
 from n3cli.main import main
 from stages.serve.app import Server, build_app
+from tests.conftest import free_port
 from tests.test_engine import random_model
 
 openai = pytest.importorskip("openai")
@@ -43,12 +44,6 @@ def checkpoint(tmp_path_factory, tokenizer):
 def reference(checkpoint, tokenizer):
     """The in-process engine on the same checkpoint and settings as the server: what every answer must equal."""
     return Engine(n3.from_pretrained(checkpoint), tokenizer, EngineConfig(max_batch=8, max_len=96, speculative_tokens=2))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @contextmanager

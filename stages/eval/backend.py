@@ -135,10 +135,11 @@ latency of requests running beside a long prompt (what `n3 serve`'s smaller defa
 
 
 def engine_backend(path: Path, cfg: RunConfig, warn: Callable[[str], None], max_len: int | None = None,
-                   max_batch: int | None = None, speculative_tokens: int | None = None) -> EngineBackend:
+                   max_batch: int | None = None, speculative_tokens: int | None = None,
+                   compile: bool | None = None) -> EngineBackend:
     """A checkpoint (or a run folder's newest) in an in-process engine sized as `n3 serve` would size it from the
-    preset, with an evaluation's own context, batch or speculation where it sets them."""
-    config = engine_config(cfg, max_len, max_batch, speculative_tokens, prefill_tokens=PREFILL_CHUNK)
+    preset, with an evaluation's own context, batch, speculation or decode compilation where it sets them."""
+    config = engine_config(cfg, max_len, max_batch, speculative_tokens, PREFILL_CHUNK, compile)
     checkpoint, _ = open_checkpoint(path, "n3 eval", config.speculative_tokens)
     engine = load_engine(checkpoint, cfg, config, warn)
     weights = str(engine.model.lm_head.weight.dtype).removeprefix("torch.")

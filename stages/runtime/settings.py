@@ -15,10 +15,6 @@ from pathlib import Path
 from model.errors import UserError
 from presets.schema import RunConfig
 
-WEIGHT_DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
-"""serve.dtype values and their torch names ("auto": the checkpoint's own)."""
-
-
 def configure_kernels(cfg: RunConfig) -> None:
     """Apply the preset's [kernels] table; a fast path that is asked for by name but missing is a UserError."""
     import kernels
@@ -29,15 +25,24 @@ def configure_kernels(cfg: RunConfig) -> None:
         raise UserError(f"preset {cfg.name}: {err}") from None
 
 
+def weight_dtype(cfg: RunConfig):
+    """The torch dtype serve.dtype names, or None for "auto" (the checkpoint's own)."""
+    from stages.runtime.distributed import DTYPES
+
+    return None if cfg.serve.dtype == "auto" else DTYPES[cfg.serve.dtype]
+
+
 def engine_config(
     cfg: RunConfig,
     max_len: int | None = None,
     max_batch: int | None = None,
     speculative_tokens: int | None = None,
     prefill_tokens: int | None = None,
+    compile: bool | None = None,
 ):
-    """model.engine.EngineConfig from the preset's [serve] table, with a caller's own context, batch, speculation or
-    prompt tokens per step (beyond the decodes) where it sets them; serve.max_step_tokens, when set, wins."""
+    """model.engine.EngineConfig from the preset's [serve] table, with a caller's own context, batch, speculation,
+    prompt tokens per step (beyond the decodes) or decode compilation where it sets them; serve.max_step_tokens, when
+    set, wins."""
     from model.engine import EngineConfig
 
     s = cfg.serve
@@ -48,7 +53,7 @@ def engine_config(
         return EngineConfig(
             max_batch=batch, max_len=max_len or s.max_len or None, max_step_tokens=step_tokens,
             speculative_tokens=drafts, ssm_dtype=s.ssm_cache_dtype, stochastic_rounding=s.ssm_stochastic_rounding,
-            compile=s.compile,
+            compile=s.compile if compile is None else compile,
         )
     except ValueError as err:
         raise UserError(f"preset {cfg.name}: serve: {err}") from None
@@ -81,8 +86,7 @@ def load_engine(checkpoint: Path, cfg: RunConfig, config, warn: Callable[[str], 
 
     configure_kernels(cfg)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    name = WEIGHT_DTYPES.get(cfg.serve.dtype)
-    model = from_pretrained(checkpoint, dtype=name and getattr(torch, name), device=device)
+    model = from_pretrained(checkpoint, dtype=weight_dtype(cfg), device=device)
     tokenizer = Tokenizer.load(checkpoint)
     engine = Engine(model, tokenizer, config)
     if config.compile:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from model.errors import UserError
 from presets.schema import RunConfig
-from stages.runtime.settings import WEIGHT_DTYPES, engine_config, load_engine, open_checkpoint
+from stages.runtime.settings import engine_config, load_engine, open_checkpoint, weight_dtype
 
 
 @dataclass
@@ -28,7 +28,8 @@ class ServePlan:
     model: object
     """The checkpoint's model.config.ModelConfig."""
     dtype: str
-    """Weights and activations dtype: the preset's serve.dtype, or the checkpoint's own."""
+    """Weights and activations dtype (a torch name, e.g. bfloat16): the preset's serve.dtype, or the checkpoint's
+    own (float32 when its config.json names none)."""
     weight_bytes: int
     cache_bytes: int
     """KV, Mamba state and MTP caches for every request slot, preallocated at start."""
@@ -42,35 +43,32 @@ class ServePlan:
 def plan_serve(path: Path, cfg: RunConfig) -> ServePlan:
     """Resolve and check what `n3 serve` would load, without loading weights: UserError for a missing or malformed
     checkpoint, a checkpoint without a tokenizer, or [serve] values the engine refuses."""
-    from model.checkpoint import read_config
+    import torch
+
+    from model.checkpoint import read_config, stored_dtype
 
     engine = engine_config(cfg)
     checkpoint, model_cfg = open_checkpoint(path, "n3 serve", engine.speculative_tokens)
     name = path.resolve().name if (path / "checkpoints").is_dir() else checkpoint.resolve().name
-    weight_bytes, cache_bytes, dtype = _memory(model_cfg, engine, read_config(checkpoint), cfg.serve.dtype)
+    dtype = weight_dtype(cfg) or stored_dtype(read_config(checkpoint)) or torch.float32
+    weight_bytes, cache_bytes = _memory(model_cfg, engine, dtype)
+    dtype = str(dtype).removeprefix("torch.")
     return ServePlan(checkpoint, name, cfg, engine, model_cfg, dtype, weight_bytes, cache_bytes)
 
 
-def _memory(model_cfg, engine, hf: dict, dtype: str) -> tuple[int, int, str]:
-    """Bytes of weights and of the engine's caches, from shapes alone (built on the meta device)."""
-    import torch
-
+def _memory(model_cfg, engine, dtype) -> tuple[int, int]:
+    """Bytes of weights in `dtype` and of the engine's caches, from shapes alone (built on the meta device)."""
     from model.cache import HybridCache
-    from model.checkpoint import DTYPES as CHECKPOINT_DTYPES
+    from model.engine.engine import SSM_DTYPES
     from model.hybrid import build
 
-    if dtype == "auto":
-        stored = CHECKPOINT_DTYPES.get(hf.get("torch_dtype") or hf.get("dtype"), torch.float32)
-        dtype = {v: k for k, v in WEIGHT_DTYPES.items()}.get(str(stored).removeprefix("torch."), "fp32")
-    torch_dtype = getattr(torch, WEIGHT_DTYPES[dtype])
-    model = build(model_cfg, device="meta", dtype=torch_dtype)
+    model = build(model_cfg, device="meta", dtype=dtype)
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     room = (engine.max_len or model_cfg.max_position_embeddings) + engine.speculative_tokens + 1
-    ssm = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[engine.ssm_dtype]
-    caches = [HybridCache(model_cfg, engine.max_batch, room, torch_dtype, "meta", ssm)]
+    caches = [HybridCache(model_cfg, engine.max_batch, room, dtype, "meta", SSM_DTYPES[engine.ssm_dtype])]
     if engine.speculative_tokens:
-        caches.append(HybridCache(model_cfg, engine.max_batch, room, torch_dtype, "meta", pattern=model_cfg.mtp_pattern))
-    return weights, sum(c.nbytes() for c in caches), dtype
+        caches.append(HybridCache(model_cfg, engine.max_batch, room, dtype, "meta", pattern=model_cfg.mtp_pattern))
+    return weights, sum(c.nbytes() for c in caches)
 
 
 def serve(plan: ServePlan, host: str, port: int, log_level: str = "info") -> None:
