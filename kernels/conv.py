@@ -18,20 +18,28 @@ def causal_conv1d(
 
     Returns silu(conv(x)) (b, t, ch) in x's dtype and the new conv state (b, ch, K-1).
     """
-    history = weight.shape[-1] - 1
-    xt = x.transpose(1, 2)
+    history, t = weight.shape[-1] - 1, x.shape[1]
     if initial_state is None:
-        padded = F.pad(xt, (history, 0))
+        padded = F.pad(x, (0, 0, history, 0))
     else:
-        padded = torch.cat([initial_state.to(xt.dtype), xt], dim=-1)
-    state = padded[..., padded.shape[-1] - history :]
+        padded = torch.cat([initial_state.to(x.dtype).transpose(1, 2), x], dim=1)
+    state = padded[:, t:].transpose(1, 2)
     if fast_path("conv1d", x.is_cuda) == "causal_conv1d":
         from causal_conv1d import causal_conv1d_fn
 
-        y = causal_conv1d_fn(xt, weight, bias, initial_states=initial_state, activation="silu")
-    else:
-        y = F.silu(F.conv1d(padded, weight[:, None, :], bias, groups=weight.shape[0]))
-    return y.transpose(1, 2), state
+        y = causal_conv1d_fn(x.transpose(1, 2), weight, bias, initial_states=initial_state, activation="silu")
+        return y.transpose(1, 2), state
+    # A sum of K shifted copies rather than F.conv1d: on (b, t, ch) as it comes, with no transposes, and under
+    # torch.compile one fused loop forward and backward, where the depthwise convolution is an opaque library call
+    # whose backward costs several times its forward. Accumulated in fp32 at least, as the convolution does.
+    f = torch.promote_types(x.dtype, torch.float32)
+    taps = weight.to(f).T.contiguous()  # (K, ch): each tap a contiguous row, so compiled loops vectorise
+    y = padded[:, :t].to(f) * taps[0]
+    for k in range(1, history + 1):
+        y = y + padded[:, k : k + t].to(f) * taps[k]
+    if bias is not None:
+        y = y + bias.to(f)
+    return F.silu(y.to(x.dtype)), state
 
 
 def causal_conv1d_step(

@@ -1,10 +1,15 @@
 """MoE dispatch: group token copies by expert, then one matmul per expert over its contiguous rows.
 
-Fast path: `torch._grouped_mm` (one kernel for all experts) on CUDA in bf16; its CPU backward is broken in current
-PyTorch, so CPU always takes the reference, which loops over experts (never over tokens).
+On CUDA in bf16 the fast path is `torch._grouped_mm` (one kernel for all experts) with its own autograd. Everywhere
+else the GEMM is the custom op `n3::grouped_mm`, whose forward and both backward GEMMs run `torch._grouped_mm` where
+it takes the dtype (its CPU autograd is broken in current PyTorch, so n3 supplies the backward) and a loop over
+experts otherwise. Being one opaque op of static output shape, it lets torch.compile take in a whole MoE block:
+dynamo cannot trace the per-expert split, whose sizes change every step.
 """
 
 from __future__ import annotations
+
+from functools import cache
 
 import torch
 
@@ -17,7 +22,8 @@ def group_by_expert(expert_ids: torch.Tensor, num_experts: int) -> tuple[torch.T
     flat = expert_ids.reshape(-1)
     order = torch.argsort(flat, stable=True)
     inverse = torch.empty_like(order).scatter_(0, order, torch.arange(len(order), device=order.device))
-    counts = torch.bincount(flat, minlength=num_experts)
+    # scatter_add rather than bincount: its output shape does not depend on the data, so it compiles
+    counts = torch.zeros(num_experts, dtype=torch.long, device=flat.device).scatter_add_(0, flat, torch.ones_like(flat))
     return order, inverse, counts
 
 
@@ -28,9 +34,70 @@ def grouped_mm(x: torch.Tensor, weight: torch.Tensor, counts: torch.Tensor) -> t
         offsets = counts.cumsum(0).to(torch.int32)
         # Under autocast the weights are still fp32 master copies; the grouped kernel wants one dtype.
         return torch._grouped_mm(x, weight.to(x.dtype).transpose(-2, -1), offs=offsets)
-    experts = weight.unbind(0)  # one view per expert; indexing weight[e] would give each its own full-size gradient
-    pieces = [rows @ experts[e].T for e, rows in enumerate(x.split(counts.tolist())) if rows.shape[0]]
-    return torch.cat(pieces) if pieces else x.new_zeros(0, weight.shape[1])
+    if weight.dtype != x.dtype:  # fp32 master weights under autocast
+        weight = weight.to(x.dtype)
+    return _grouped_mm(x, weight, counts)
+
+
+@torch.library.custom_op("n3::grouped_mm", mutates_args=())
+def _grouped_mm(x: torch.Tensor, weight: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    if _native_grouped_mm(x):
+        return torch._grouped_mm(x, weight.transpose(-2, -1), offs=counts.cumsum(0).to(torch.int32))
+    experts = weight.unbind(0)
+    out = x.new_empty(x.shape[0], weight.shape[1])
+    for e, (rows, target) in enumerate(zip(x.split(counts.tolist()), out.split(counts.tolist()))):
+        torch.mm(rows, experts[e].T, out=target)
+    return out
+
+
+@torch.library.custom_op("n3::grouped_mm_weight_grad", mutates_args=())
+def _grouped_weight_grad(grad: torch.Tensor, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """The weight gradient of `grouped_mm`: (experts, out, in), expert e's block grad_e.T @ x_e."""
+    if _native_grouped_mm(x):
+        return torch._grouped_mm(grad.T, x, offs=counts.cumsum(0).to(torch.int32))
+    pieces = zip(grad.split(counts.tolist()), x.split(counts.tolist()))
+    return torch.stack([g.T @ rows for g, rows in pieces])
+
+
+@_grouped_mm.register_fake
+def _(x, weight, counts):
+    return x.new_empty(x.shape[0], weight.shape[1])
+
+
+@_grouped_weight_grad.register_fake
+def _(grad, x, counts):
+    return x.new_empty(counts.shape[0], grad.shape[1], x.shape[1])
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, counts = inputs
+    ctx.save_for_backward(x, weight, counts)
+
+
+def _backward(ctx, grad):
+    x, weight, counts = ctx.saved_tensors
+    grad = grad.contiguous()
+    grad_x = _grouped_mm(grad, weight.transpose(-2, -1), counts) if ctx.needs_input_grad[0] else None
+    grad_weight = _grouped_weight_grad(grad, x, counts) if ctx.needs_input_grad[1] else None
+    return grad_x, grad_weight, None
+
+
+_grouped_mm.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _native_grouped_mm(x: torch.Tensor) -> bool:
+    """Whether torch._grouped_mm runs on these rows here (a CPU build since PyTorch 2.9; fp32, bf16, fp16)."""
+    return x.dtype in (torch.float32, torch.bfloat16, torch.float16) and _has_native(x.device.type)
+
+
+@cache
+def _has_native(device_type: str) -> bool:
+    try:
+        x = torch.ones(2, 2, device=device_type)
+        torch._grouped_mm(x, torch.ones(1, 2, 2, device=device_type), offs=torch.tensor([2], dtype=torch.int32, device=device_type))
+    except (AttributeError, RuntimeError, NotImplementedError):
+        return False
+    return True
 
 
 def permute_rows(x: torch.Tensor, order: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:

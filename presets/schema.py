@@ -135,7 +135,7 @@ class TrainConfig:
     peak_tflops: float = field(default=0.0, metadata={"min": 0})
     """Peak dense TFLOP/s of one device, for the MFU estimate; 0 looks the GPU up or measures the CPU's matmul."""
     compile: bool = False
-    """torch.compile each Mamba, attention and MLP block (LatentMoE blocks stay eager); trains eagerly, with a note,
+    """torch.compile each block of the model (Mamba, attention, MLP, LatentMoE); trains eagerly, with a note,
     where torch.compile cannot build code (on CPU it needs a C++ compiler)."""
 
 

@@ -172,7 +172,7 @@ def test_low_precision_compute_converts_the_model(small_corpus, tmp_path):
     out, err = process.communicate(timeout=300)
     assert process.returncode == 0, err
     assert "low precision (emulated)" in " ".join(err.split()) and "nvfp4" in err
-    assert "Mamba, attention and MLP blocks compile" in " ".join(err.split())
+    assert "12 blocks compile" in " ".join(err.split())
     losses = [r["loss"] for r in read_metrics(tmp_path / "fp4" / "metrics.jsonl")]
     assert len(losses) == 2 and all(0 < loss < 20 for loss in losses)
 

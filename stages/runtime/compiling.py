@@ -1,9 +1,7 @@
-"""torch.compile for training: every Mamba, attention and MLP block compiled on its own, as torchtitan compiles each
-transformer block. On a small model the step is hundreds of small elementwise ops (the SSD scan's decays, gated norms,
-residual adds); compiled, each block's ops fuse into a few kernels, forward and backward.
-
-LatentMoE blocks stay eager: the tokens each expert receives change every step, and dynamo would break the graph at
-every data-dependent split or recompile for new counts.
+"""torch.compile for training: every block compiled on its own, as torchtitan compiles each transformer block. On a
+small model the step is hundreds of small elementwise ops (the SSD scan's decays, gated norms, routing, residual
+adds); compiled, each block's ops fuse into a few kernels, forward and backward. In LatentMoE blocks the expert GEMMs,
+whose row counts change every step, are one opaque custom op (kernels.moe), so the graph has static shapes.
 """
 
 from __future__ import annotations
@@ -15,7 +13,7 @@ from torch import nn
 
 
 def compile_blocks(model: nn.Module, note: Callable[[str], None]) -> int:
-    """Compile the non-MoE blocks of the main stack and the MTP head in place (before DDP/FSDP wrap them). When
+    """Compile the blocks of the main stack and the MTP head in place (before DDP/FSDP wrap them). When
     torch.compile cannot build code on this machine (on CPU it needs a C++ compiler) `note` says so and nothing is
     compiled; otherwise `note` says how many blocks will compile. Returns that number."""
     problem = _toolchain_problem()
@@ -23,11 +21,10 @@ def compile_blocks(model: nn.Module, note: Callable[[str], None]) -> int:
         note(f"train.compile: torch.compile does not work here ({problem}); training eagerly")
         return 0
     layers = list(model.model.layers) + (list(model.mtp.layers) if model.mtp is not None else [])
-    blocks = [layer for layer in layers if layer.kind != "E"]
-    for block in blocks:
+    for block in layers:
         block.compile()
-    note(f"train.compile: {len(blocks)} Mamba, attention and MLP blocks compile during the first steps")
-    return len(blocks)
+    note(f"train.compile: {len(layers)} blocks compile during the first steps")
+    return len(layers)
 
 
 def _toolchain_problem() -> str | None:
