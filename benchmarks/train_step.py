@@ -5,7 +5,7 @@ process on the same config, weights and batch, steps interleaved so both see the
     python benchmarks/train_step.py --shape small --device cuda --dtype bf16 --batch 4 --seq-len 4096
 
 n3 runs its training path (runtime.losses.CausalLMObjective: fused linear cross-entropy, MoE statistics, residual
-norms) twice, eagerly and with its Mamba, attention and MLP blocks compiled (`train.compile`), from the same weights;
+norms) twice, eagerly and with its blocks compiled (`train.compile`), from the same weights;
 transformers runs `model(input_ids, labels=labels).loss`. All without MTP (transformers has none), on the shape's
 main pattern; a `ratio` line per n3 variant. With --mtp n3 alone also trains its MTP depths, for its own throughput
 and MFU.

@@ -33,7 +33,7 @@ def causal_conv1d(
     # torch.compile one fused loop forward and backward, where the depthwise convolution is an opaque library call
     # whose backward costs several times its forward. Accumulated in fp32 at least, as the convolution does.
     f = torch.promote_types(x.dtype, torch.float32)
-    taps = weight.to(f).T.contiguous()  # (K, ch): each tap a contiguous row, so compiled loops vectorise
+    taps = weight.to(f).T.contiguous()  # (K, ch): each tap a contiguous row
     y = padded[:, :t].to(f) * taps[0]
     for k in range(1, history + 1):
         y = y + padded[:, k : k + t].to(f) * taps[k]

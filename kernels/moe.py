@@ -1,15 +1,13 @@
 """MoE dispatch: group token copies by expert, then one matmul per expert over its contiguous rows.
 
-On CUDA in bf16 the fast path is `torch._grouped_mm` (one kernel for all experts) with its own autograd. Everywhere
-else the GEMM is the custom op `n3::grouped_mm`, whose forward and both backward GEMMs run `torch._grouped_mm` where
-it takes the dtype (its CPU autograd is broken in current PyTorch, so n3 supplies the backward) and a loop over
-experts otherwise. Being one opaque op of static output shape, it lets torch.compile take in a whole MoE block:
-dynamo cannot trace the per-expert split, whose sizes change every step.
+Fast path: `torch._grouped_mm` (one kernel for all experts) on CUDA in bf16, with its own autograd. Everywhere else
+the custom op `n3::grouped_mm`, which loops over experts (never over tokens) forward and backward. Being one opaque op
+with a static output shape, it lets torch.compile take in a whole MoE block: dynamo cannot trace a per-expert split,
+whose sizes change every step. (On CPU, torch._grouped_mm measured no faster than the loop, wants 16-byte aligned
+strides, and its autograd there is broken in current PyTorch.)
 """
 
 from __future__ import annotations
-
-from functools import cache
 
 import torch
 
@@ -31,32 +29,25 @@ def grouped_mm(x: torch.Tensor, weight: torch.Tensor, counts: torch.Tensor) -> t
     """Rows of x (rows, in), grouped by expert in order; weight (experts, out, in). Returns (rows, out):
     row r of expert e is x[r] @ weight[e].T."""
     if fast_path("moe", x.is_cuda) == "grouped_mm" and x.dtype == torch.bfloat16:
-        offsets = counts.cumsum(0).to(torch.int32)
         # Under autocast the weights are still fp32 master copies; the grouped kernel wants one dtype.
-        return torch._grouped_mm(x, weight.to(x.dtype).transpose(-2, -1), offs=offsets)
-    if weight.dtype != x.dtype:  # fp32 master weights under autocast
-        weight = weight.to(x.dtype)
-    return _grouped_mm(x, weight, counts)
+        return torch._grouped_mm(x, weight.to(x.dtype).transpose(-2, -1), offs=counts.cumsum(0).to(torch.int32))
+    return _grouped_mm(x, weight.to(x.dtype), counts)
 
 
 @torch.library.custom_op("n3::grouped_mm", mutates_args=())
 def _grouped_mm(x: torch.Tensor, weight: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-    if _native_grouped_mm(x):
-        return torch._grouped_mm(x, weight.transpose(-2, -1), offs=counts.cumsum(0).to(torch.int32))
-    experts = weight.unbind(0)
+    sizes = counts.tolist()
     out = x.new_empty(x.shape[0], weight.shape[1])
-    for e, (rows, target) in enumerate(zip(x.split(counts.tolist()), out.split(counts.tolist()))):
-        torch.mm(rows, experts[e].T, out=target)
+    for expert, rows, target in zip(weight.unbind(0), x.split(sizes), out.split(sizes)):
+        torch.mm(rows, expert.T, out=target)
     return out
 
 
 @torch.library.custom_op("n3::grouped_mm_weight_grad", mutates_args=())
 def _grouped_weight_grad(grad: torch.Tensor, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
     """The weight gradient of `grouped_mm`: (experts, out, in), expert e's block grad_e.T @ x_e."""
-    if _native_grouped_mm(x):
-        return torch._grouped_mm(grad.T, x, offs=counts.cumsum(0).to(torch.int32))
-    pieces = zip(grad.split(counts.tolist()), x.split(counts.tolist()))
-    return torch.stack([g.T @ rows for g, rows in pieces])
+    sizes = counts.tolist()
+    return torch.stack([g.T @ rows for g, rows in zip(grad.split(sizes), x.split(sizes))])
 
 
 @_grouped_mm.register_fake
@@ -83,21 +74,6 @@ def _backward(ctx, grad):
 
 
 _grouped_mm.register_autograd(_backward, setup_context=_setup_context)
-
-
-def _native_grouped_mm(x: torch.Tensor) -> bool:
-    """Whether torch._grouped_mm runs on these rows here (a CPU build since PyTorch 2.9; fp32, bf16, fp16)."""
-    return x.dtype in (torch.float32, torch.bfloat16, torch.float16) and _has_native(x.device.type)
-
-
-@cache
-def _has_native(device_type: str) -> bool:
-    try:
-        x = torch.ones(2, 2, device=device_type)
-        torch._grouped_mm(x, torch.ones(1, 2, 2, device=device_type), offs=torch.tensor([2], dtype=torch.int32, device=device_type))
-    except (AttributeError, RuntimeError, NotImplementedError):
-        return False
-    return True
 
 
 def permute_rows(x: torch.Tensor, order: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:

@@ -38,6 +38,9 @@ class Router(nn.Module):
         return scores, chosen, weights * self.scaling
 
 
+GATHER_BYTES = 1 << 25
+
+
 class Experts(nn.Module):
     """Routed experts stacked as (E, out, in), the transformers-5 layout: up (E, m, l), down (E, l, m)."""
 
@@ -53,9 +56,7 @@ class Experts(nn.Module):
 
     def forward(self, x: torch.Tensor, chosen: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """x (tokens, l); each token's k copies run through their experts, weighted and summed in fp32."""
-        if torch.compiler.is_compiling() and not torch.is_grad_enabled():
-            # Compiled decode (model.engine): grouping by expert has data-dependent sizes, which a compiled graph
-            # cannot hold; for the few tokens of a decode step, gathering each copy's expert weights is static.
+        if self.gathers(chosen.numel()):
             h = relu2(self.up_proj[chosen] @ x[:, None, :, None])  # (tokens, k, m, 1)
             out = (self.down_proj[chosen] @ h).squeeze(-1).float()  # (tokens, k, l)
             return (out * weights[..., None]).sum(1).to(x.dtype)
@@ -65,6 +66,14 @@ class Experts(nn.Module):
         h = relu2(self.matmul(permute_rows(copies, order, inverse), self.up_proj, counts))
         out = permute_rows(self.matmul(h, self.down_proj, counts), inverse, order).view(tokens, k, -1)
         return (out.float() * weights[..., None]).sum(1).to(x.dtype)
+
+    def gathers(self, copies: int) -> bool:
+        """Whether a forward over `copies` token copies gathers each copy's expert weights instead of grouping rows
+        by expert: in compiled forwards without gradients (the engine's decode steps) while the gathered weights stay
+        under GATHER_BYTES. On a few tokens that is a few large ops where grouping is many small ones (1.5-1.8x the
+        decode speed on CPU); on many (a validation batch) or with gradients, grouping reads each expert once."""
+        per_copy = (self.up_proj[0].numel() + self.down_proj[0].numel()) * self.up_proj.element_size()
+        return torch.compiler.is_compiling() and not torch.is_grad_enabled() and copies * per_copy <= GATHER_BYTES
 
     def matmul(self, rows: torch.Tensor, weight: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """The expert GEMM (see kernels.grouped_mm); low-precision subclasses (model.lowp, n3 quantize) override it."""

@@ -126,8 +126,7 @@ def test_attention_positions_equal_causal():
     torch.testing.assert_close(full, scores.softmax(-1) @ vv)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])  # torch._grouped_mm where it runs; a loop for float64
-def test_grouped_mm_matches_rowwise(dtype):
+def test_grouped_mm_matches_rowwise():
     gen = torch.Generator().manual_seed(3)
     ids = torch.randint(0, 5, (11, 2), generator=gen)
     ids[:, 0] = torch.where(ids[:, 0] == 3, 0, ids[:, 0])  # leave expert 3 with fewer (maybe no) rows
@@ -136,8 +135,8 @@ def test_grouped_mm_matches_rowwise(dtype):
     assert counts.tolist() == [int((flat == e).sum()) for e in range(5)]
     assert torch.all(flat[order][1:] >= flat[order][:-1])
     assert torch.equal(order[inverse], torch.arange(len(order)))
-    x = torch.randn(len(order), 6, generator=gen, dtype=dtype, requires_grad=True)
-    w = torch.randn(5, 3, 6, generator=gen, dtype=dtype, requires_grad=True)
+    x = torch.randn(len(order), 6, generator=gen, requires_grad=True)
+    w = torch.randn(5, 3, 6, generator=gen, requires_grad=True)
     out = grouped_mm(x, w, counts)
     want = torch.stack([x[i] @ w[flat[order][i]].T for i in range(len(order))])
     torch.testing.assert_close(out, want)

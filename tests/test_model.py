@@ -63,6 +63,25 @@ def test_moe_matches_the_equation_and_bias_only_selects():
         torch.testing.assert_close(moe(x), naive_moe(moe, x))
 
 
+def test_compiled_moe_gathers_expert_weights_only_for_decode_sized_inputs(monkeypatch):
+    """Compiled forwards without gradients gather each token copy's expert weights (decode steps); a validation
+    batch, whose gathered copies would be far larger than the experts, and any forward with gradients group rows by
+    expert. Both give the equation's result."""
+    from model import moe as moe_module
+
+    torch.manual_seed(2)
+    moe = n3.build(tiny_config()).model.layers[2].mixer
+    per_copy = 2 * 12 * 16 * 4  # up and down of one expert, fp32
+    limit = moe_module.GATHER_BYTES // per_copy
+    assert not moe.experts.gathers(2)  # eager
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    with torch.no_grad():
+        assert moe.experts.gathers(limit) and not moe.experts.gathers(limit + 1)
+        x = torch.randn(10, 32)
+        torch.testing.assert_close(moe(x), naive_moe(moe, x))
+    assert not moe.experts.gathers(2)  # gradients enabled
+
+
 def test_mtp_unroll_reuses_one_weight_set():
     torch.manual_seed(2)
     model = n3.build(tiny_config())
