@@ -54,7 +54,8 @@ def e2m1_encode(x: torch.Tensor, stochastic: bool = False, generator: torch.Gene
         lower = (torch.searchsorted(grid, magnitude, right=True) - 1).clamp(max=len(E2M1_GRID) - 2)
         upper = lower + 1
         p_up = (magnitude - grid[lower]) / (grid[upper] - grid[lower])
-        draw = torch.empty_like(magnitude).uniform_(generator=generator)  # rand(shape) rejects symbolic shapes under compile
+        # uniform_ rather than rand(shape): under torch.compile rand rejects symbolic shapes
+        draw = torch.empty_like(magnitude).uniform_(generator=generator)
         index = torch.where(draw < p_up, upper, lower)
     else:
         index = torch.zeros(x.shape, dtype=torch.uint8, device=x.device)

@@ -21,5 +21,5 @@ def stochastic_round(x: torch.Tensor, dtype: torch.dtype, generator: torch.Gener
     hi = torch.maximum(nearest, other).float()
     gap = hi - lo
     p_up = torch.where(gap > 0, (x - lo) / gap, torch.zeros_like(x))
-    draw = torch.empty_like(x).uniform_(generator=generator)  # rand(shape) rejects symbolic shapes under compile
+    draw = torch.empty_like(x).uniform_(generator=generator)  # not rand(shape): compile rejects symbolic shapes there
     return torch.where(draw < p_up, hi, lo).to(dtype).where(~x.isnan(), x.to(dtype))

@@ -39,6 +39,7 @@ class Router(nn.Module):
 
 
 GATHER_BYTES = 1 << 25
+"""Up to this many bytes of gathered expert weights (32 MiB), a compiled forward without gradients gathers them."""
 
 
 class Experts(nn.Module):
@@ -70,7 +71,7 @@ class Experts(nn.Module):
     def gathers(self, copies: int) -> bool:
         """Whether a forward over `copies` token copies gathers each copy's expert weights instead of grouping rows
         by expert: in compiled forwards without gradients (the engine's decode steps) while the gathered weights stay
-        under GATHER_BYTES. On a few tokens that is a few large ops where grouping is many small ones (1.5-1.8x the
+        within GATHER_BYTES. On a few tokens that is a few large ops where grouping is many small ones (1.5-1.8x the
         decode speed on CPU); on many (a validation batch) or with gradients, grouping reads each expert once."""
         per_copy = (self.up_proj[0].numel() + self.down_proj[0].numel()) * self.up_proj.element_size()
         return torch.compiler.is_compiling() and not torch.is_grad_enabled() and copies * per_copy <= GATHER_BYTES
