@@ -47,6 +47,9 @@ def worker(rank: int, port: int, output_fp32: bool, results) -> None:
         distributed.reduce_output_gradients(wrapped, world)
         if rank == 0:  # as numpy: a tensor would be shared through this process, which exits first
             results.put({name: grad.numpy() for name, grad in gradients(wrapped).items()})
+        # As pretrain ends: no rank tears the group down while a peer may still be reading its last message (without
+        # the fp32 all-reduce nothing else synchronises the ranks, and gloo then aborts the slower one now and then).
+        world.barrier()
     finally:
         distributed.teardown()
 
