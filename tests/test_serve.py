@@ -120,6 +120,31 @@ def test_chat_answers_like_the_engine(client, reference, tokenizer):
     assert answer.choices[0].message.content == expected.text
 
 
+def test_chat_template_kwargs_tools_and_histories_render_as_the_engine_renders(client, reference, tokenizer):
+    """chat_template_kwargs, tools, and histories with reasoning and tool calls (arguments as OpenAI's JSON string)
+    reach the checkpoint's template as the in-process engine passes them."""
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]
+    history = THINKING + [
+        {"role": "assistant", "content": "", "reasoning_content": "ok",
+         "tool_calls": [{"id": "c1", "type": "function", "function": {"name": "f", "arguments": '{"q": 1}'}}]},
+        {"role": "tool", "tool_call_id": "c1", "content": "sky"},
+    ]
+    parsed = history[:1] + [{**history[1], "tool_calls": [{"id": "c1", "type": "function",
+                                                           "function": {"name": "f", "arguments": {"q": 1}}}]},
+                            history[2]]
+    params = SamplingParams(temperature=0, max_tokens=8)
+    expected = reference.chat([THINKING], params, enable_thinking=False)[0]
+    answer = client.chat.completions.create(model="tiny-chat", messages=THINKING, max_tokens=8, temperature=0,
+                                            extra_body={"chat_template_kwargs": {"enable_thinking": False}})
+    assert answer.choices[0].message.content == expected.text
+    assert answer.usage.prompt_tokens == len(tokenizer.encode_chat(THINKING, enable_thinking=False))
+    assert expected.reasoning is None and "reasoning_content" not in answer.choices[0].message.model_extra
+    # Longer than this model's context: the error counts the tokens the conversation rendered to.
+    rendered = len(tokenizer.encode_chat(parsed, tools=tools))
+    with pytest.raises(openai.BadRequestError, match=f"the prompt has {rendered} "):
+        client.chat.completions.create(model="tiny-chat", messages=history, tools=tools, max_tokens=8)
+
+
 def test_streaming_equals_non_streaming(client):
     kwargs = dict(model="tiny-chat", messages=THINKING, max_tokens=16, temperature=0)
     whole = client.chat.completions.create(**kwargs)
@@ -204,6 +229,10 @@ def test_malformed_requests_are_rejected_and_the_server_keeps_serving(client, se
         (valid | {"messages": [{"role": "user", "content": "word " * 200}]}, 400, "context_length_exceeded"),
         (valid | {"max_tokens": 1000}, 400, "context_length_exceeded"),
         (valid | {"max_thinking_tokens": -1}, 400, "invalid_value"),
+        (valid | {"chat_template_kwargs": "off"}, 400, "invalid_value"),
+        (valid | {"tools": ["lookup"]}, 400, "invalid_value"),
+        (valid | {"messages": [{"role": "assistant", "content": "", "tool_calls": [{"function": {"name": "f",
+                                                                      "arguments": "{not json"}}]}]}, 400, "invalid_value"),
     ]
     for body, status, code in cases:
         got, error = post(url + "/v1/chat/completions", body)

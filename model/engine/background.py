@@ -38,6 +38,8 @@ class BackgroundEngine:
         params: SamplingParams | None = None,
         *,
         messages: list[dict] | None = None,
+        tools: list[dict] | None = None,
+        template_kwargs: dict | None = None,
         request_id: str | None = None,
     ) -> Sequence:
         """Check and queue a request (ValueError, before anything is queued, when it is invalid); `on_delta` gets
@@ -45,7 +47,8 @@ class BackgroundEngine:
         it belongs to the engine thread from now on)."""
         if self._stopping or self.error is not None:
             raise RuntimeError("the engine is shutting down")
-        seq = self.engine.make_request(prompt, params, messages=messages, request_id=request_id)
+        seq = self.engine.make_request(prompt, params, messages=messages, tools=tools,
+                                       template_kwargs=template_kwargs, request_id=request_id)
         self._inbox.put(("add", seq, on_delta))
         return seq
 

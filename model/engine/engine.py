@@ -34,7 +34,8 @@ from model.engine.reasoning import Thinking
 from model.engine.sampling import filtered_probs, greedy_accept, logprobs_of, sample, speculative_accept
 from model.engine.sequence import Completion, Delta, Sequence
 from model.hybrid import NemotronH
-from model.tokenizer import Tokenizer, thinking_enabled
+from model.errors import UserError
+from model.tokenizer import Tokenizer
 
 SSM_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -87,7 +88,7 @@ class Engine:
 
     Lower level, for a server or a trainer driving many requests: `submit` (returns a request id), `step` (one
     iteration; returns Deltas), `abort`, `has_work`. Prompts are token ids, text (needs a tokenizer) or chat messages
-    (`submit(messages=...)`: Nemotron chat template, reasoning on unless /no_think, the chat end token stops).
+    (`submit(messages=...)`: the tokenizer's chat template; the chat end token stops).
     Not thread-safe: one thread drives it (model.engine.background runs it for servers).
     """
 
@@ -131,11 +132,15 @@ class Engine:
         params: SamplingParams | None = None,
         *,
         messages: list[dict] | None = None,
+        tools: list[dict] | None = None,
+        template_kwargs: dict | None = None,
         request_id: str | None = None,
     ) -> str:
-        """Queue a request: `prompt` (token ids or text) or `messages` (chat). Returns its id. Raises ValueError for
-        an invalid request (PromptTooLong when it does not fit the context) before anything is queued."""
-        return self.add(self.make_request(prompt, params, messages=messages, request_id=request_id))
+        """Queue a request: `prompt` (token ids or text) or `messages` (chat, rendered by the tokenizer's chat
+        template with `tools` and `template_kwargs` such as enable_thinking). Returns its id. Raises ValueError for an
+        invalid request (PromptTooLong when it does not fit the context) before anything is queued."""
+        return self.add(self.make_request(prompt, params, messages=messages, tools=tools,
+                                          template_kwargs=template_kwargs, request_id=request_id))
 
     def make_request(
         self,
@@ -143,9 +148,12 @@ class Engine:
         params: SamplingParams | None = None,
         *,
         messages: list[dict] | None = None,
+        tools: list[dict] | None = None,
+        template_kwargs: dict | None = None,
         request_id: str | None = None,
     ) -> Sequence:
-        """Check and tokenize a request without queueing it (safe from another thread); `add` queues it."""
+        """Check and tokenize a request without queueing it (safe from another thread); `add` queues it. A chat
+        reply whose prompt opens a thought (`<think>\\n`) comes back with its reasoning apart."""
         params = params or SamplingParams()
         params.validate(self.vocab_size)
         if (prompt is None) == (messages is None):
@@ -156,10 +164,14 @@ class Engine:
         thinking = None
         stop_ids = set(params.stop_token_ids)
         if messages is not None:
-            ids = tok.encode_chat(messages)
+            try:
+                text = tok.render_chat(messages, add_generation_prompt=True, tools=tools, **(template_kwargs or {}))
+            except UserError as err:
+                raise ValueError(str(err)) from None
+            ids = tok.encode(text)
             if not params.ignore_eos:
                 stop_ids |= {t for t in (tok.im_end_id, tok.eos_id) if t is not None}
-            if thinking_enabled(messages) and tok.end_think_id is not None:
+            if tok.opens_thought(text):
                 thinking = Thinking(tok.end_think_id, params.max_thinking_tokens, params.thinking_grace, self._has_newline)
         else:
             ids = tok.encode(prompt) if isinstance(prompt, str) else list(prompt)
@@ -440,11 +452,14 @@ class Engine:
         return self.run([self.submit(p, sp) for p, sp in zip(prompts, per_prompt)])
 
     def chat(
-        self, conversations: list[list[dict]], params: SamplingParams | list[SamplingParams] | None = None
+        self, conversations: list[list[dict]], params: SamplingParams | list[SamplingParams] | None = None,
+        tools: list[dict] | None = None, **template_kwargs,
     ) -> list[Completion]:
-        """Answer every conversation (lists of {"role", "content"}); reasoning comes apart in Completion.reasoning."""
+        """Answer every conversation (OpenAI-style messages) through the tokenizer's chat template, with its
+        template_kwargs (enable_thinking, ...); reasoning comes apart in Completion.reasoning."""
         per_chat = params if isinstance(params, list) else [params] * len(conversations)
-        return self.run([self.submit(messages=m, params=sp) for m, sp in zip(conversations, per_chat)])
+        return self.run([self.submit(messages=m, params=sp, tools=tools, template_kwargs=template_kwargs)
+                         for m, sp in zip(conversations, per_chat)])
 
     def stream(self, prompt: list[int] | str, params: SamplingParams | None = None) -> Iterator[Delta]:
         """Deltas of one request as they are produced (other queued requests progress alongside)."""

@@ -13,7 +13,6 @@ from collections import defaultdict
 from pathlib import Path
 
 from model.errors import UserError
-from model.tokenizer import render_chat
 from stages.eval.backend import Backend
 from stages.eval.perplexity import rolling_windows
 
@@ -47,7 +46,7 @@ class N3LM(TemplateLM):
         return self.tok.encode(string)
 
     def apply_chat_template(self, chat_history: list[dict], add_generation_prompt: bool = True) -> str:
-        return render_chat(chat_history, add_generation_prompt)
+        return self.tok.render_chat(chat_history, add_generation_prompt)
 
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs) -> list[tuple[float, bool]]:
         sequences, counts = [], []

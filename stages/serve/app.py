@@ -121,7 +121,8 @@ def build_app(server: Server) -> Starlette:
     async def chat(request: Request) -> Response:
         req = protocol.parse_chat(await _json(request), server.model_name)
         queue: asyncio.Queue = asyncio.Queue()
-        submitted = _submit_all(server, queue, [dict(messages=req.messages)] * req.n, req)
+        chat = dict(messages=req.messages, tools=req.tools, template_kwargs=req.template_kwargs)
+        submitted = _submit_all(server, queue, [chat] * req.n, req)
         response_id = protocol.new_id("chatcmpl")
         if req.stream:
             return _stream(_chat_chunks(server, req, queue, submitted, response_id), server, submitted)

@@ -7,6 +7,7 @@ max_thinking_tokens / thinking_grace (reasoning budget). Unknown fields are igno
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from dataclasses import dataclass
@@ -140,6 +141,10 @@ ROLES = ("system", "developer", "user", "assistant", "tool")
 class ChatRequest(Common):
     messages: list[dict]
     logprobs: bool
+    tools: list[dict] | None
+    """Function definitions the chat template lists for the model (the model's calls come back in its text)."""
+    template_kwargs: dict
+    """`chat_template_kwargs`, as vLLM takes them: the template's switches, e.g. {"enable_thinking": false}."""
 
 
 def parse_chat(body: dict, served: str) -> ChatRequest:
@@ -150,8 +155,10 @@ def parse_chat(body: dict, served: str) -> ChatRequest:
     if not raw:
         raise invalid("messages", "'messages' must hold at least one message")
     messages = [_message(m, i) for i, m in enumerate(raw)]
-    if _field(body, "tools", list):
-        raise invalid("tools", "this server does not support tool calling ('tools')")
+    tools = _field(body, "tools", list)
+    if tools is not None and not all(isinstance(t, dict) for t in tools):
+        raise invalid("tools", "'tools' must be an array of objects")
+    template_kwargs = _field(body, "chat_template_kwargs", dict, {})
     response_format = _field(body, "response_format", dict)
     if response_format and response_format.get("type", "text") != "text":
         raise invalid("response_format", "only response_format {'type': 'text'} is supported")
@@ -161,7 +168,8 @@ def parse_chat(body: dict, served: str) -> ChatRequest:
         raise invalid("top_logprobs", "'top_logprobs' needs 'logprobs': true")
     if logprobs:
         common.params.logprobs = top or 0
-    return ChatRequest(**vars(common), messages=messages, logprobs=logprobs)
+    return ChatRequest(**vars(common), messages=messages, logprobs=logprobs, tools=tools,
+                       template_kwargs=template_kwargs)
 
 
 def _message(message, index: int) -> dict:
@@ -183,7 +191,32 @@ def _message(message, index: int) -> dict:
         content = "".join(parts)
     if not isinstance(content, str):
         raise invalid(f"{param}.content", f"'{param}.content' must be a string or an array of text parts")
-    return {"role": "system" if role == "developer" else role, "content": content}
+    out = {"role": "system" if role == "developer" else role, "content": content}
+    for key in ("reasoning_content", "name", "tool_call_id"):
+        if message.get(key) is not None:
+            if not isinstance(message[key], str):
+                raise invalid(f"{param}.{key}", f"'{param}.{key}' must be a string")
+            out[key] = message[key]
+    if message.get("tool_calls"):
+        out["tool_calls"] = [_tool_call(call, f"{param}.tool_calls[{j}]") for j, call in enumerate(message["tool_calls"])]
+    return out
+
+
+def _tool_call(call, param: str) -> dict:
+    """An assistant's tool call as templates read it: {"type": "function", "function": {"name", "arguments"}} with
+    the arguments an object (OpenAI sends them as a JSON string)."""
+    function = call.get("function") if isinstance(call, dict) else None
+    if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+        raise invalid(param, f"'{param}' must be {{'type': 'function', 'function': {{'name': ..., 'arguments': ...}}}}")
+    arguments = function.get("arguments") or {}
+    if isinstance(arguments, str):
+        try:
+            arguments = json.loads(arguments)
+        except json.JSONDecodeError:
+            raise invalid(param, f"'{param}.function.arguments' is not valid JSON") from None
+    if not isinstance(arguments, dict):
+        raise invalid(param, f"'{param}.function.arguments' must be a JSON object")
+    return {**call, "function": {**function, "arguments": arguments}}
 
 
 # --- completions ----------------------------------------------------------------------------------------------------

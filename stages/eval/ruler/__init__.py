@@ -15,6 +15,7 @@ import statistics
 from collections import defaultdict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 from model.errors import UserError
@@ -45,7 +46,7 @@ class RulerOptions:
     squad: Path | None = None
     hotpotqa: Path | None = None
     chat: bool = False
-    """Wrap each prompt in the Nemotron chat template (reasoning off) instead of sending it as plain text."""
+    """Wrap each prompt in the model's chat template (reasoning off) instead of sending it as plain text."""
 
     def __post_init__(self) -> None:
         unknown = [t for t in self.tasks if t not in TASKS]
@@ -105,11 +106,12 @@ class Sources:
 def samples(backend: Backend, options: RulerOptions, sources: Sources | None = None) -> Iterator[Sample]:
     """Every sample of the run, length by length, task by task (skipped tasks left out)."""
     sources = sources or Sources(options)
+    chat = partial(backend.tokenizer.render_chat, enable_thinking=False) if options.chat else None
     for length in options.lengths:
         for task in options.tasks:
             if options.skip_reason(task) is None:
                 yield from task_samples(task, sources.generator(task, length), TASKS[task].spec.tokens_to_generate,
-                                        length, options.samples, options.seed, backend.encode, options.chat)
+                                        length, options.samples, options.seed, backend.encode, chat)
 
 
 @dataclass

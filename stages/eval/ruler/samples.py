@@ -14,7 +14,6 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from model.errors import UserError
-from model.tokenizer import END_THINK, IM_START, THINK, render_chat
 from stages.eval.ruler.draft import Draft, Generator
 
 
@@ -32,13 +31,12 @@ class Sample:
     meta: dict
 
 
-def compose(draft: Draft, chat: bool) -> str:
-    """The prompt text: the task then its answer prefix, or (chat) the task as a user turn and the answer prefix
-    opening the assistant's turn with reasoning off."""
-    if not chat:
+def compose(draft: Draft, chat: Callable[[list[dict]], str] | None) -> str:
+    """The prompt text: the task then its answer prefix, or with `chat` (a renderer of the model's chat template,
+    generation prompt on, reasoning off) the task as a user turn and the answer prefix opening the assistant's turn."""
+    if chat is None:
         return draft.text + draft.answer_prefix
-    turn = render_chat([{"role": "user", "content": draft.text}], add_generation_prompt=False)
-    return turn + f"{IM_START}assistant\n{THINK}{END_THINK}" + draft.answer_prefix.lstrip()
+    return chat([{"role": "user", "content": draft.text}]) + draft.answer_prefix.lstrip()
 
 
 def fit(measure: Callable[[int], int], budget: int, limit: int | None) -> int:
@@ -64,7 +62,7 @@ def fit(measure: Callable[[int], int], budget: int, limit: int | None) -> int:
 
 def task_samples(
     task: str, generator: Generator, tokens_to_generate: int, length: int, count: int, seed: int,
-    encode: Callable[[str], list[int]], chat: bool,
+    encode: Callable[[str], list[int]], chat: Callable[[list[dict]], str] | None,
 ) -> Iterator[Sample]:
     budget = length - tokens_to_generate
 
