@@ -1,6 +1,8 @@
 """Causal grouped-query attention without positional embedding, through scaled_dot_product_attention.
 
-Fast path: flash-attn's `flash_attn_func` for full causal sequences on CUDA. With a KV cache the queries sit at known
+Fast path on CUDA in fp16 / bf16: flash-attn's `flash_attn_func` for full causal sequences, `flash_attn_varlen_func`
+for packed rows (`seq_idx`, see kernels.documents), each document a sequence of its own. Elsewhere packed rows go
+through SDPA with a mask that is causal and block-diagonal over documents. With a KV cache the queries sit at known
 absolute positions and a boolean mask says which keys each may see; SDPA then picks its own fused kernel.
 """
 
@@ -10,23 +12,53 @@ import torch
 import torch.nn.functional as F
 
 from kernels.backends import fast_path
+from kernels.documents import cu_seqlens_from_seq_idx
 
 
 def attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_positions: torch.Tensor | None = None
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    q_positions: torch.Tensor | None = None,
+    seq_idx: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """q (b, hq, tq, d); k, v (b, hkv, tk, d) with hq a multiple of hkv; scale d ** -0.5.
 
     q_positions None: q and k are the same tokens, causal. Otherwise (b, tq) absolute positions: query i of row b
-    sees keys 0..q_positions[b, i] (keys past a row's length are never seen). Returns (b, hq, tq, d).
+    sees keys 0..q_positions[b, i] (keys past a row's length are never seen). seq_idx (b, t), only without
+    q_positions: the document index of each token; a query sees only the earlier keys of its own document.
+    Returns (b, hq, tq, d).
     """
-    if q_positions is None:
-        if fast_path("attention", q.is_cuda) == "flash" and q.dtype in (torch.float16, torch.bfloat16):
-            from flash_attn import flash_attn_func
+    gqa = q.shape[1] != k.shape[1]
+    if q_positions is not None:
+        if seq_idx is not None:
+            raise ValueError("attention: seq_idx marks the documents of whole rows; it cannot go with q_positions")
+        keys = torch.arange(k.shape[2], device=q.device)
+        mask = keys[None, None, None, :] <= q_positions[:, None, :, None]  # (b, 1, tq, tk)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+    flash = fast_path("attention", q.is_cuda) == "flash" and q.dtype in (torch.float16, torch.bfloat16)
+    if seq_idx is not None:
+        if flash:
+            return _flash_varlen(q, k, v, seq_idx)
+        t = q.shape[2]
+        causal = torch.ones(t, t, dtype=torch.bool, device=q.device).tril_()
+        mask = causal & (seq_idx[:, None, :, None] == seq_idx[:, None, None, :])  # (b, 1, t, t)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+    if flash:
+        from flash_attn import flash_attn_func
 
-            out = flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=True)
-            return out.transpose(1, 2)
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=q.shape[1] != k.shape[1])
-    keys = torch.arange(k.shape[2], device=q.device)
-    mask = keys[None, None, None, :] <= q_positions[:, None, :, None]  # (b, 1, tq, tk)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=q.shape[1] != k.shape[1])
+        out = flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=True)
+        return out.transpose(1, 2)
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+
+
+def _flash_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq_idx: torch.Tensor) -> torch.Tensor:
+    """Packed rows through flash_attn_varlen_func: the b * t tokens flattened into (tokens, heads, d), every document
+    one causal sequence of it (flash-attn takes GQA as it comes)."""
+    from flash_attn import flash_attn_varlen_func
+
+    b, hq, t, d = q.shape
+    cu_seqlens, longest = cu_seqlens_from_seq_idx(seq_idx)
+    flat = lambda z: z.transpose(1, 2).reshape(b * t, z.shape[1], d)
+    out = flash_attn_varlen_func(flat(q), flat(k), flat(v), cu_seqlens, cu_seqlens, longest, longest, causal=True)
+    return out.view(b, t, hq, d).transpose(1, 2)

@@ -18,14 +18,15 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(cfg.hidden_size, self.kv_heads * self.head_dim, bias=False)
         self.o_proj = nn.Linear(self.heads * self.head_dim, cfg.hidden_size, bias=False)
 
-    def forward(self, x: torch.Tensor, cache=None) -> torch.Tensor:
-        """x (b, t, d). With a cache (model.cache.KVCache) the new keys and values are appended per row first."""
+    def forward(self, x: torch.Tensor, cache=None, seq_idx: torch.Tensor | None = None) -> torch.Tensor:
+        """x (b, t, d). With a cache (model.cache.KVCache) the new keys and values are appended per row first. Without
+        one, seq_idx (b, t) gives each token's document in a packed row: a token attends within its document only."""
         b, t, _ = x.shape
         q = self.q_proj(x).view(b, t, self.heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
         if cache is None:
-            out = attention(q, k, v)
+            out = attention(q, k, v, seq_idx=seq_idx)
         else:
             k, v, positions = cache.append(k, v)
             out = attention(q, k, v, q_positions=positions)

@@ -33,8 +33,12 @@ class Block(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
         self.mixer = MIXERS[kind](cfg)
 
-    def forward(self, h: torch.Tensor, cache=None) -> torch.Tensor:
-        return h + self.mixer(self.norm(h), cache)
+    def forward(self, h: torch.Tensor, cache=None, seq_idx: torch.Tensor | None = None) -> torch.Tensor:
+        """h (b, t, d); seq_idx (b, t) the document of each token of packed rows (see kernels.documents), or None."""
+        if cache is not None and seq_idx is not None:
+            raise ValueError("seq_idx marks the documents of packed training rows; a cache row is one request: "
+                             "pass one or the other")
+        return h + self.mixer(self.norm(h), cache, seq_idx)
 
 
 class Backbone(nn.Module):
@@ -47,10 +51,10 @@ class Backbone(nn.Module):
         """Set to a list to have every forward append each sublayer's output RMS (detached fp32 scalars): the
         per-layer residual norms training watches, since early-layer spikes preceded divergence."""
 
-    def forward(self, input_ids: torch.Tensor, cache=None) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, cache=None, seq_idx: torch.Tensor | None = None) -> torch.Tensor:
         h = self.embeddings(input_ids)
         for i, layer in enumerate(self.layers):
-            h = layer(h, None if cache is None else cache.layers[i])
+            h = layer(h, None if cache is None else cache.layers[i], seq_idx)
             if self.residual_rms is not None:
                 self.residual_rms.append(torch.linalg.vector_norm(h.detach(), dtype=torch.float32) / h.numel() ** 0.5)
         return self.norm_f(h)
@@ -80,13 +84,16 @@ class MTP(nn.Module):
             MTPBlock(cfg, kind, first=j == 0, last=j == n - 1) for j, kind in enumerate(cfg.mtp_pattern)
         )
 
-    def forward(self, h_prev: torch.Tensor, next_emb: torch.Tensor, caches=None) -> torch.Tensor:
+    def forward(
+        self, h_prev: torch.Tensor, next_emb: torch.Tensor, caches=None, seq_idx: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """h_prev (b, t, d) post-norm hidden of the model or the previous depth; next_emb the embedding of the token
-        each position is fed next. Returns this depth's post-norm hidden."""
+        each position is fed next; seq_idx (b, t) the document of each position, or None. Returns this depth's
+        post-norm hidden."""
         first, last = self.layers[0], self.layers[-1]
         h = first.eh_proj(torch.cat([first.enorm(next_emb), first.hnorm(h_prev)], dim=-1))
         for j, layer in enumerate(self.layers):
-            h = layer(h, None if caches is None else caches[j])
+            h = layer(h, None if caches is None else caches[j], seq_idx)
         return last.final_layernorm(h)
 
 
@@ -100,9 +107,10 @@ class NemotronH(nn.Module):
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.mtp = MTP(cfg) if cfg.mtp_pattern else None
 
-    def forward(self, input_ids: torch.Tensor, cache=None) -> torch.Tensor:
-        """input_ids (b, t). With a model.cache.HybridCache the tokens extend each row's cached prefix."""
-        h = self.model(input_ids, cache)
+    def forward(self, input_ids: torch.Tensor, cache=None, seq_idx: torch.Tensor | None = None) -> torch.Tensor:
+        """input_ids (b, t). With a model.cache.HybridCache the tokens extend each row's cached prefix. Without one,
+        seq_idx (b, t) gives the document of each token of packed rows: no token sees another document."""
+        h = self.model(input_ids, cache, seq_idx)
         if cache is not None:
             cache.advance(input_ids.shape[1])
         return self.logits(h)
@@ -110,17 +118,22 @@ class NemotronH(nn.Module):
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         return self.lm_head(h).float()
 
-    def mtp_hidden(self, h: torch.Tensor, input_ids: torch.Tensor, depths: int) -> list[torch.Tensor]:
+    def mtp_hidden(
+        self, h: torch.Tensor, input_ids: torch.Tensor, depths: int, seq_idx: torch.Tensor | None = None
+    ) -> list[torch.Tensor]:
         """Teacher-forced MTP unroll for training: depth k at position i sees emb(t_{i+k}) and predicts t_{i+k+1}.
-        The last k positions of depth k see wrapped-around tokens; their labels must be masked."""
-        return list(self.mtp_unroll(h, input_ids, depths))
+        The last k positions of depth k see wrapped-around tokens, and with seq_idx (packed rows) those whose t_{i+k}
+        lies in the next document see its tokens; their labels must be masked (stages.runtime.losses.mtp_labels)."""
+        return list(self.mtp_unroll(h, input_ids, depths, seq_idx))
 
-    def mtp_unroll(self, h: torch.Tensor, input_ids: torch.Tensor, depths: int) -> Iterator[torch.Tensor]:
+    def mtp_unroll(
+        self, h: torch.Tensor, input_ids: torch.Tensor, depths: int, seq_idx: torch.Tensor | None = None
+    ) -> Iterator[torch.Tensor]:
         """`mtp_hidden` one depth at a time, so a caller can read per-depth state (MoE routing) between depths."""
         if self.mtp is None:
             raise ValueError("this model has no MTP head (its pattern has no '/')")
         for k in range(1, depths + 1):
-            h = self.mtp(h, self.model.embeddings(torch.roll(input_ids, -k, dims=1)))
+            h = self.mtp(h, self.model.embeddings(torch.roll(input_ids, -k, dims=1)), seq_idx=seq_idx)
             yield h
 
     @torch.no_grad()

@@ -37,8 +37,9 @@ class Mamba2Mixer(nn.Module):
         dt = torch.exp(torch.rand(H) * (hi - lo) + lo).clamp(min=cfg.time_step_floor)
         self.dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))
 
-    def forward(self, u: torch.Tensor, cache=None) -> torch.Tensor:
-        """u (b, t, d). With a cache (model.cache.MambaCache) the scan starts from, and updates, its states."""
+    def forward(self, u: torch.Tensor, cache=None, seq_idx: torch.Tensor | None = None) -> torch.Tensor:
+        """u (b, t, d). With a cache (model.cache.MambaCache) the scan starts from, and updates, its states. Without
+        one, seq_idx (b, t) gives each token's document in a packed row: conv and scan restart at every document."""
         cfg = self.cfg
         b, t, _ = u.shape
         H, P, G, N = cfg.mamba_num_heads, cfg.mamba_head_dim, cfg.mamba_groups, cfg.ssm_state_size
@@ -62,11 +63,11 @@ class Mamba2Mixer(nn.Module):
             y = torch.stack(ys, dim=1)
         else:
             initial_conv, initial_ssm = (None, None) if cache is None else cache.read()
-            xBC, conv_state = causal_conv1d(xBC, weight, bias, initial_conv)
+            xBC, conv_state = causal_conv1d(xBC, weight, bias, initial_conv, seq_idx)
             x, B, C = xBC.split([cfg.mamba_inner, G * N, G * N], dim=-1)
             y, ssm_state = ssd_chunk_scan(
                 x.view(b, t, H, P), dt, A, B.view(b, t, G, N), C.view(b, t, G, N), self.D,
-                cfg.chunk_size, initial_ssm,
+                cfg.chunk_size, initial_ssm, seq_idx,
             )
             if cache is not None:
                 cache.store(conv_state, ssm_state)

@@ -31,5 +31,6 @@ class MLP(nn.Module):
         self.up_proj = nn.Linear(dim, hidden, bias=False)
         self.down_proj = nn.Linear(hidden, dim, bias=False)
 
-    def forward(self, x: torch.Tensor, cache=None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache=None, seq_idx: torch.Tensor | None = None) -> torch.Tensor:
+        """x (..., dim); token by token, so the cache and documents (seq_idx) of the mixer interface play no part."""
         return self.down_proj(relu2(self.up_proj(x)))

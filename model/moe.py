@@ -93,7 +93,8 @@ class LatentMoE(nn.Module):
         self.last_routing: tuple[torch.Tensor, torch.Tensor] | None = None
         """(scores, chosen) of the last training forward, for load balancing and MaxVio; None in eval."""
 
-    def forward(self, x: torch.Tensor, cache=None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache=None, seq_idx: torch.Tensor | None = None) -> torch.Tensor:
+        """x (..., d); token by token, so the cache and documents (seq_idx) of the mixer interface play no part."""
         shape = x.shape
         flat = x.reshape(-1, shape[-1])
         scores, chosen, weights = self.gate(flat)
