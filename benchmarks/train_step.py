@@ -31,7 +31,6 @@ from stages.runtime.metrics import flops_per_token, peak_flops
 from stages.runtime.optim import build_optimizer
 
 
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--shape", default="tiny")

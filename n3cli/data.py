@@ -12,7 +12,7 @@ from typing import Annotated
 
 import typer
 
-from n3cli.options import DEFAULT_PRESET, Out, Preset, Sets, load_preset
+from n3cli.options import DEFAULT_PRESET, Out, Preset, Sets, load_preset, parse_weights
 
 DEFAULT_OUT = Path("corpus")
 
@@ -68,22 +68,9 @@ def run(
     directory = out or (default_corpus_dir(vocab) if builtin_only and tokenizer is None else DEFAULT_OUT)
     options = CorpusOptions(
         vocab_size=vocab, tokenizer=tokenizer, val_fraction=val_fraction,
-        blend=BlendOptions(weights=_weights(weight or []), quality=quality, quality_boost=quality_boost,
+        blend=BlendOptions(weights=parse_weights(weight), quality=quality, quality_boost=quality_boost,
                            switch_at=switch_at),
     )
     with RichProgress() as progress:
         prepared = prepare(parsed, directory, options, progress)
     print_corpus(prepared)
-
-
-def _weights(items: list[str]) -> dict[str, float]:
-    from model.errors import UserError
-
-    weights = {}
-    for item in items:
-        name, _, value = item.partition("=")
-        try:
-            weights[name] = float(value)
-        except ValueError:
-            raise UserError(f"--weight expects NAME=NUMBER, got {item!r}") from None
-    return weights

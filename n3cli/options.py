@@ -33,8 +33,47 @@ DryRun = Annotated[
     typer.Option("--dry-run", help="Build on the meta device and print the plan: parameters, memory, parallelism."),
 ]
 Debug = Annotated[bool, typer.Option("--debug", help="Show tracebacks for errors (or set N3_DEBUG=1).")]
+Checkpoint = Annotated[
+    Path | None,
+    typer.Option("--checkpoint", "-c", help="A checkpoint directory (n3's, or a Hugging Face NemotronH one such as a "
+                 "released Nemotron 3 model) or a run folder (its newest checkpoint). Default: the newest run under "
+                 "runs/ that this command starts from."),
+]
+Resume = Annotated[
+    bool, typer.Option("--resume", help="Continue the run in --out from its latest checkpoint, with its saved preset.")
+]
+Weights = Annotated[
+    list[str] | None,
+    typer.Option("--weight", metavar="NAME=W", help="Weight of source NAME in the mix (2: twice its share). Repeatable."),
+]
 
 
 def load_preset(preset: str, overrides: list[str] | None) -> RunConfig:
     """The RunConfig `--preset` and `--set` resolve to; bad input raises UserError."""
     return load(preset, overrides or ())
+
+
+def resumed_preset(run_dir: Path, preset: str, overrides: list[str] | None) -> RunConfig:
+    """The preset a run folder saved when it started (what --resume continues with), with `--set` on top."""
+    from model.errors import UserError
+
+    saved = sorted(run_dir.glob("*.toml"))
+    if len(saved) != 1:
+        raise UserError(f"cannot resume: {run_dir} is not a run folder (no saved preset); drop --resume")
+    if preset != DEFAULT_PRESET:
+        raise UserError("--resume continues with the run's saved preset; drop --preset (--set still applies)")
+    return load_preset(str(saved[0].resolve()), overrides)
+
+
+def parse_weights(items: list[str] | None) -> dict[str, float]:
+    """`NAME=W` options as {name: weight}."""
+    from model.errors import UserError
+
+    weights = {}
+    for item in items or []:
+        name, _, value = item.partition("=")
+        try:
+            weights[name] = float(value)
+        except ValueError:
+            raise UserError(f"--weight expects NAME=NUMBER, got {item!r}") from None
+    return weights

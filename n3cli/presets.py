@@ -57,10 +57,19 @@ def to_toml(values: dict) -> str:
     """Resolved values as TOML. `name` is not a preset key (a preset is named after its file), so it heads a comment."""
     lines = [f"# {values['name']}, fully resolved"]
     lines += [f"{key} = {_toml_value(v)}" for key, v in values.items() if key != "name" and not isinstance(v, dict)]
+    lines += _tables(values, "")
+    return "\n".join(lines)
+
+
+def _tables(values: dict, prefix: str) -> list[str]:
+    """Each table's plain keys under its [header], then its own tables ([sft], then [sft.train])."""
+    lines = []
     for table, entries in values.items():
         if isinstance(entries, dict):
-            lines += ["", f"[{table}]", *(f"{key} = {_toml_value(v)}" for key, v in entries.items())]
-    return "\n".join(lines)
+            lines += ["", f"[{prefix}{table}]"]
+            lines += [f"{key} = {_toml_value(v)}" for key, v in entries.items() if not isinstance(v, dict)]
+            lines += _tables(entries, f"{prefix}{table}.")
+    return lines
 
 
 def _toml_value(value: object) -> str:

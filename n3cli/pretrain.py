@@ -9,16 +9,9 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Annotated
 
-import typer
-
-from n3cli.options import DEFAULT_PRESET, DryRun, Out, Preset, Sets, load_preset
+from n3cli.options import DEFAULT_PRESET, DryRun, Out, Preset, Resume, Sets, load_preset, resumed_preset
 from presets import RunConfig
-
-Resume = Annotated[
-    bool, typer.Option("--resume", help="Continue the run in --out from its latest checkpoint, with its saved preset.")
-]
 
 
 def run(
@@ -26,8 +19,6 @@ def run(
     resume: Resume = False,
 ) -> None:
     """Pretrain the preset's model; --dry-run prints the plan without allocating."""
-    from model.errors import UserError
-
     cfg = load_preset(preset, overrides)
     if dry_run:
         from n3cli.report import print_plan
@@ -37,12 +28,7 @@ def run(
         return
     run_dir = out or Path("runs") / cfg.name
     if resume:
-        saved = sorted(run_dir.glob("*.toml"))
-        if len(saved) != 1:
-            raise UserError(f"cannot resume: {run_dir} is not a run folder (no saved preset); drop --resume")
-        if preset != DEFAULT_PRESET:
-            raise UserError("--resume continues with the run's saved preset; drop --preset (--set still applies)")
-        cfg = load_preset(str(saved[0].resolve()), overrides)
+        cfg = resumed_preset(run_dir, preset, overrides)
     _train(cfg, run_dir, resume)
 
 

@@ -24,6 +24,9 @@ class RichProgress:
             TimeRemainingColumn(),
             TextColumn("{task.fields[figures]}"),
             console=console,
+            # Drawn on a terminal only: written to a file or a pipe a bar would be its final state, printed above
+            # the summary that says the same, or above the one line of an error that cut the work short.
+            disable=not console.is_terminal,
         )
         self.task = None
 

@@ -46,7 +46,8 @@ def run(
     if four_over_six not in FOUR_OVER_SIX:
         raise UserError(f"--four-over-six must be one of {', '.join(FOUR_OVER_SIX)}, got {four_over_six!r}")
     if dry_run:
-        from stages.quantize import checkpoint_config, dry_run as plan_only
+        from stages.quantize import checkpoint_config
+        from stages.quantize import dry_run as plan_only
 
         if checkpoint is not None:
             cfg = checkpoint_config(checkpoint)

@@ -225,18 +225,21 @@ def _parse_overrides(overrides: Iterable[str]) -> dict:
     return tree
 
 
-def _build(cls: type, data: dict):
-    """Construct `cls` from a checked table, building nested dataclasses and widening ints given for floats."""
+def _build(cls: type, data: dict, base=None):
+    """`cls` from a checked table over `base` (default: cls's defaults), building nested dataclasses over the
+    defaults of their field (a stage's [sft.train] starts from SFT's defaults, not pretraining's) and widening ints
+    given for floats."""
+    base = cls() if base is None else base
     hints = typing.get_type_hints(cls)
     kwargs = {}
     for key, value in data.items():
         kind = hints[key]
         if dataclasses.is_dataclass(kind):
-            value = _build(kind, value)
+            value = _build(kind, value, getattr(base, key))
         elif kind is float:
             value = float(value)
         kwargs[key] = value
-    return cls(**kwargs)
+    return dataclasses.replace(base, **kwargs)
 
 
 def _model_config(table: dict, source: str) -> ModelConfig:
@@ -248,28 +251,13 @@ def _model_config(table: dict, source: str) -> ModelConfig:
 
 def _check_plan(cfg: RunConfig) -> None:
     """Cross-field checks between the run plan and the model, named after the preset."""
-    train, parallel, model = cfg.train, cfg.parallel, cfg.model
-    for table in ("train", "parallel"):
-        for f in dataclasses.fields(getattr(cfg, table)):
-            value = getattr(getattr(cfg, table), f.name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
-                continue
-            # Integers are sizes, degrees and counts (a zero would divide by zero), numbers are rates and scales;
-            # a field may lower its own floor.
-            least = f.metadata.get("min", 1 if isinstance(value, int) else 0)
-            if value < least:
-                raise UserError(f"preset {cfg.name}: {table}.{f.name} must be at least {least}, got {value}")
-    if not train.min_lr <= train.lr or train.lr == 0:
-        raise UserError(f"preset {cfg.name}: need 0 <= train.min_lr <= train.lr and train.lr > 0")
-    for key in ("decay_fraction", "adam_beta1", "adam_beta2"):
-        if getattr(train, key) > 1:
-            raise UserError(f"preset {cfg.name}: train.{key} must be at most 1, got {getattr(train, key)}")
-    per_step = train.micro_batch_size * parallel.data
-    if train.global_batch_size % per_step:
-        raise UserError(
-            f"preset {cfg.name}: train.global_batch_size ({train.global_batch_size}) must be a multiple of "
-            f"train.micro_batch_size x data-parallel ranks ({train.micro_batch_size} x {parallel.data} = {per_step})"
-        )
+    parallel, model = cfg.parallel, cfg.model
+    for name in ("parallel", "sft", "sft.lora", "sft.train"):
+        _check_floors(cfg, name)
+    check_train(cfg, "train")
+    for key in ("reasoning_off", "reasoning_truncated", "val_fraction"):
+        if getattr(cfg.sft, key) > 1:
+            raise UserError(f"preset {cfg.name}: sft.{key} must be at most 1, got {getattr(cfg.sft, key)}")
     if "E" in model.pattern and model.n_routed_experts % parallel.expert:
         raise UserError(
             f"preset {cfg.name}: parallel.expert ({parallel.expert}) must divide "
@@ -293,8 +281,48 @@ def _check_plan(cfg: RunConfig) -> None:
             f"preset {cfg.name}: parallel.tensor ({parallel.tensor}) and the {model.num_key_value_heads} kv heads "
             "must divide one another"
         )
+
+
+def _table(cfg: RunConfig, name: str):
+    table = cfg
+    for part in name.split("."):
+        table = getattr(table, part)
+    return table
+
+
+def _check_floors(cfg: RunConfig, name: str) -> None:
+    table = _table(cfg, name)
+    for f in dataclasses.fields(table):
+        value = getattr(table, f.name)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            continue
+        # Integers are sizes, degrees and counts (a zero would divide by zero), numbers are rates and scales;
+        # a field may lower its own floor.
+        least = f.metadata.get("min", 1 if isinstance(value, int) else 0)
+        if value < least:
+            raise UserError(f"preset {cfg.name}: {name}.{f.name} must be at least {least}, got {value}")
+
+
+def check_train(cfg: RunConfig, name: str, model: ModelConfig | None = None) -> None:
+    """An optimisation table (`train`, pretraining's, checked as every preset loads; a stage's own such as
+    `sft.train`, checked by the stage before it runs) against itself, the layout and the model (default: the
+    preset's; a stage that starts from a checkpoint gives the checkpoint's)."""
+    train, model = _table(cfg, name), model or cfg.model
+    _check_floors(cfg, name)
+    if not train.min_lr <= train.lr or train.lr == 0:
+        raise UserError(f"preset {cfg.name}: need 0 <= {name}.min_lr <= {name}.lr and {name}.lr > 0")
+    for key in ("decay_fraction", "adam_beta1", "adam_beta2"):
+        if getattr(train, key) > 1:
+            raise UserError(f"preset {cfg.name}: {name}.{key} must be at most 1, got {getattr(train, key)}")
+    per_step = train.micro_batch_size * cfg.parallel.data
+    if train.global_batch_size % per_step:
+        raise UserError(
+            f"preset {cfg.name}: {name}.global_batch_size ({train.global_batch_size}) must be a multiple of "
+            f"{name}.micro_batch_size x data-parallel ranks ({train.micro_batch_size} x {cfg.parallel.data} = "
+            f"{per_step})"
+        )
     if train.seq_len > model.max_position_embeddings:
         raise UserError(
-            f"preset {cfg.name}: train.seq_len ({train.seq_len}) exceeds "
-            f"model.max_position_embeddings ({model.max_position_embeddings})"
+            f"preset {cfg.name}: {name}.seq_len ({train.seq_len}) exceeds the model's context "
+            f"(max_position_embeddings {model.max_position_embeddings})"
         )

@@ -19,6 +19,8 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "parallel.reduce_dtype": ("fp32", "bf16"),
     "train.decay_shape": ("linear", "cosine", "sqrt"),
     **{f"kernels.{op}": names for op, names in KERNEL_CHOICES.items()},
+    "sft.train_on": ("assistant", "final", "all"),
+    "sft.train.decay_shape": ("linear", "cosine", "sqrt"),
     "serve.dtype": ("auto", "fp32", "bf16"),
     "serve.ssm_cache_dtype": ("fp32", "bf16", "fp16"),
 }
@@ -146,6 +148,59 @@ class DataConfig:
 
 
 @dataclass
+class LoRAConfig:
+    """Low-rank adapters (peft) instead of training every weight; merged into a plain checkpoint at each save."""
+
+    rank: int = field(default=0, metadata={"min": 0})
+    """Adapter rank; 0 trains every weight (full fine-tuning)."""
+    alpha: float = 16.0
+    """Scale of the adapters' output: alpha / rank."""
+    dropout: float = 0.0
+    targets: list[str] = field(default_factory=lambda: ["attention", "mamba", "shared_experts"])
+    """Where adapters go: attention (q/k/v/o_proj), mamba (in_proj, out_proj), shared_experts (the MoE blocks'
+    shared expert), mlp (dense MLP blocks), latent (the LatentMoE projections), or a module-name suffix such as
+    "mixer.q_proj". The MTP block's modules of those kinds get adapters too."""
+
+
+def _sft_train() -> TrainConfig:
+    """SFT's optimisation defaults: NeMo-RL's SFT recipe (lr 5e-6, weight decay 0.1, betas 0.9 / 0.98) with the MTP
+    loss kept as Nemotron 3 Ultra's SFT keeps it (2 depths, 0.1 in all), on packed rows of 4096 tokens."""
+    return TrainConfig(seq_len=4096, micro_batch_size=1, global_batch_size=64, steps=1000, lr=5e-6, min_lr=5e-7,
+                       warmup_steps=10, decay_fraction=0.9, decay_shape="cosine", adam_beta2=0.98,
+                       mtp_loss_scale=0.1, eval_interval=100, checkpoint_interval=200, keep_checkpoints=2)
+
+
+@dataclass
+class SFTConfig:
+    """`n3 sft`: chat fine-tuning (REFERENCE.md section 4)."""
+
+    train: TrainConfig = field(default_factory=_sft_train)
+    """The optimisation table (as pretraining's [train]) with SFT's own defaults."""
+    epochs: float = field(default=0.0, metadata={"min": 0})
+    """Passes over the packed training rows; above 0 it sets the number of steps (train.steps is then ignored)."""
+    train_on: str = "assistant"
+    """Tokens that take a loss: assistant (every assistant turn) | final (the last assistant turn) | all."""
+    reasoning_loss: bool = True
+    """Train the reasoning of assistant turns (false: only what follows `</think>`)."""
+    reasoning_off: float = 0.10
+    """Share of conversations with reasoning trained with it stripped (`<think></think>`: reasoning off)."""
+    reasoning_truncated: float = 0.03
+    """Share trained with the last reasoning trace cut at a random budget, its closing `</think>` not trained."""
+    tasks: list[str] = field(default_factory=lambda: ["math", "code", "instructions"])
+    """Built-in verifiable tasks (stages/envs) trained on without --data, and evaluated before and after: a domain,
+    or DOMAIN:LEVELS with LEVELS a level or a range ("math:1-3")."""
+    problems: int = 3000
+    """Training problems per built-in domain."""
+    eval_problems: int = 100
+    """Held-out problems per domain for the accuracy table before and after (greedy, reasoning on and off)."""
+    eval_max_tokens: int = 256
+    """Tokens a reply may take in that evaluation (reasoning included)."""
+    val_fraction: float = 0.02
+    """Share of --data conversations held out (by a hash of their first user turn) for the validation loss."""
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
+
+
+@dataclass
 class KernelConfig:
     """Backend per hot op: auto picks the fastest installed path for the device, torch forces the reference."""
 
@@ -192,3 +247,4 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     kernels: KernelConfig = field(default_factory=KernelConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)

@@ -24,14 +24,14 @@ from model.tokenizer import Tokenizer
 from presets.schema import RunConfig
 from stages.runtime import distributed
 from stages.runtime.batches import PackedBatches, validation_batches
-from stages.runtime.checkpointing import latest_resumable, load_checkpoint, read_trainer_state
+from stages.runtime.checkpointing import latest_resumable, load_checkpoint, read_trainer_state, start_run_folder
 from stages.runtime.corpus import Manifest
-from stages.runtime.losses import CausalLMObjective
 from stages.runtime.loop import LoopResult, TrainingJob, run_loop, validation
+from stages.runtime.losses import CausalLMObjective
 from stages.runtime.metrics import flops_per_token, peak_flops
 from stages.runtime.optim import build_optimizer
-from stages.runtime.settings import configure_kernels
 from stages.runtime.progress import Progress, Quiet
+from stages.runtime.settings import configure_kernels
 
 PROMPT_TOKENS = 24
 SAMPLE_TOKENS = 48
@@ -76,7 +76,7 @@ def pretrain(
     _check_fit(cfg, manifest)
     steps = total_steps(cfg)
     if not resume and world.is_main:
-        _start_run_folder(Path(run), cfg, preset_toml)
+        start_run_folder(Path(run), cfg.name, preset_toml)
 
     torch.manual_seed(cfg.train.seed)
     model = build(cfg.model, device=world.device)
@@ -98,12 +98,13 @@ def pretrain(
     result = None
     if start < steps:
         job = TrainingJob(
-            cfg=cfg, world=world, objective=objective, optimizer=optimizer, batches=batches,
+            train=cfg.train, compute=cfg.precision.compute, world=world, objective=objective, optimizer=optimizer, batches=batches,
             total_steps=steps, run=Path(run), tokenizer=tokenizer, progress=progress,
             flops_per_token=flops_per_token(cfg.model, cfg.train.seq_len, cfg.train.mtp_depths),
             peak_flops=peak_flops(world.device, cfg.train.peak_tflops),
-            evaluate=validation(objective, val, cfg, world),
-            trainer_state={"corpus": manifest.fingerprint, "preset": cfg.name, "total_steps": steps},
+            evaluate=validation(objective, val, cfg.precision.compute, world),
+            trainer_state={"stage": "pretrain", "corpus": manifest.fingerprint, "preset": cfg.name,
+                           "total_steps": steps},
         )
         result = run_loop(job, start, monitor_state)
     world.barrier()
@@ -131,18 +132,6 @@ def _check_fit(cfg: RunConfig, manifest: Manifest) -> None:
     if cfg.train.mtp_depths and not cfg.model.mtp_pattern:
         raise UserError(f"train.mtp_depths = {cfg.train.mtp_depths} but the {cfg.shape} shape has no MTP block "
                         "(no '/' in model.pattern); set train.mtp_depths=0")
-
-
-def _start_run_folder(run: Path, cfg: RunConfig, preset_toml: str | None) -> None:
-    """A new run goes into a folder without checkpoints; it keeps the resolved preset for --resume."""
-    checkpoints = run / "checkpoints"
-    if checkpoints.is_dir() and any(checkpoints.iterdir()):
-        raise UserError(f"{run} holds a run already: pass --resume to continue it, or --out DIR to start another")
-    run.mkdir(parents=True, exist_ok=True)
-    if preset_toml is not None:
-        for stale in run.glob("*.toml"):  # from a run that died before its first checkpoint
-            stale.unlink()
-        (run / f"{cfg.name}.toml").write_text(preset_toml + "\n")
 
 
 def _prompt(val: list, manifest: Manifest) -> list[int]:

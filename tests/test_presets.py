@@ -168,7 +168,7 @@ def test_a_toml_int_is_accepted_for_a_float(tmp_path):
         ("parallel.expert=3", "parallel.expert (3) must divide model.n_routed_experts (8)"),
         ("parallel.expert=2", "parallel.expert (2) must divide the data-parallel degree (1)"),
         ("parallel.tensor=3", "the world (1 devices) is not a multiple of parallel.tensor x pipeline x context (3)"),
-        ("train.seq_len=4096", "train.seq_len (4096) exceeds model.max_position_embeddings (1024)"),
+        ("train.seq_len=4096", "train.seq_len (4096) exceeds the model's context (max_position_embeddings 1024)"),
         ("model.num_key_value_heads=3", "preset cpu: num_attention_heads must be a multiple of num_key_value_heads"),
     ],
 )

@@ -11,9 +11,9 @@ from safetensors import safe_open
 import model as n3
 import presets
 from model.errors import UserError
+from n3cli.main import main
 from stages.quantize import checkpoint_config, dry_run, quantize
 from stages.quantize.plan import lowest_bpe, make_plan
-from n3cli.main import main
 from tests.test_model import tiny_config
 
 pytest.importorskip("modelopt.torch.quantization")

@@ -179,7 +179,8 @@ def test_objective_reports_every_term():
 
 def test_compiled_blocks_train_like_eager_ones(monkeypatch):
     """train.compile: every block of the main stack and the MTP head compiled; three optimizer steps give the eager
-    losses (the MoE aux loss included, so the routing a compiled MoE block records is the eager one). Where torch.compile cannot build code, a note and eager training."""
+    losses (the MoE aux loss included, so the routing a compiled MoE block records is the eager one). Where
+    torch.compile cannot build code, a note and eager training."""
     from stages.runtime import compiling
 
     train = presets.load("cpu").train

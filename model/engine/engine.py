@@ -33,8 +33,8 @@ from model.engine.params import EngineConfig, SamplingParams
 from model.engine.reasoning import Thinking
 from model.engine.sampling import filtered_probs, greedy_accept, logprobs_of, sample, speculative_accept
 from model.engine.sequence import Completion, Delta, Sequence
-from model.hybrid import NemotronH
 from model.errors import UserError
+from model.hybrid import NemotronH
 from model.tokenizer import Tokenizer
 
 SSM_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -479,7 +479,7 @@ class Engine:
             raise ValueError("each context needs at least one token (the first token has no log-probability)")
         done = self.run([self.submit(list(context) + list(cont), params) for context, cont in pairs])
         results = []
-        for (context, cont), completion in zip(pairs, done):
+        for (context, _), completion in zip(pairs, done):
             scored = completion.prompt_logprobs[len(context) :]
             results.append((sum(t.logprob for t in scored), all(t.top[0][0] == t.token_id for t in scored)))
         return results

@@ -1,30 +1,13 @@
-"""Writing results: JSON (and JSON lines) through a temporary file and a rename, and the RULER plot as a PNG."""
+"""The RULER plot as a PNG (JSON results go through stages.runtime.files, re-exported here for the commands)."""
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
 from stages.eval.lengths import length_label
 from stages.eval.ruler import RulerResult
-
-
-def write_text(path: Path, text: str) -> Path:
-    """Write text to path atomically (a reader never sees half a file)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    tmp.replace(path)
-    return path
-
-
-def write_json(path: Path, data) -> Path:
-    return write_text(path, json.dumps(data, indent=2, default=str) + "\n")
-
-
-def write_jsonl(path: Path, rows: list[dict]) -> Path:
-    return write_text(path, "".join(json.dumps(row, default=str) + "\n" for row in rows))
+from stages.runtime.files import write_json, write_jsonl, write_text  # noqa: F401 (re-exported)
 
 
 def plot_ruler(result: RulerResult, path: Path) -> Path | None:

@@ -12,8 +12,6 @@ parameters, the Four-Over-Six weights, the export under the released hub names, 
 
 from __future__ import annotations
 
-import json
-import os
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -27,6 +25,7 @@ from model.hybrid import build
 from model.tokenizer import Tokenizer
 from stages.quantize.data import Quality, quality, token_batches
 from stages.quantize.plan import QuantPlan, check_budget, ladder_plan, make_plan, recipe_plan
+from stages.runtime.files import write_json
 
 RECIPES = ("nemotron",)
 
@@ -127,7 +126,7 @@ def quantize(
     write_checkpoint(out, model, plan, amax, four_over_six, source, result.report())
     progress("measuring quality on held-out tokens")
     result.quality = quality(model, from_pretrained(out, dtype=torch.float32).eval(), eval_batches)
-    _write_json(out / "quantization_report.json", result.report())
+    write_json(out / "quantization_report.json", result.report())
     return result
 
 
@@ -142,9 +141,3 @@ def _check_recipe_fits(plan: QuantPlan, budget: float | None) -> None:
     if budget is not None and plan.bpe > budget:
         raise UserError(f"the nemotron recipe gives {plan.bpe:.3f} bits per element, above --bpe {budget}; "
                         "drop --recipe to search within the budget")
-
-
-def _write_json(path: Path, content: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(content, indent=2))
-    tmp.replace(path)

@@ -33,6 +33,9 @@ class MicroBatch:
     """(micro, seq_len) int64"""
     labels: torch.Tensor
     """(micro, seq_len) int64, IGNORE where no loss is taken"""
+    seq_idx: torch.Tensor | None = None
+    """(micro, seq_len) int64, each token's document within its row, for rows of isolated documents (packed chat
+    samples); None lets documents see each other (pretraining's packed corpus)."""
 
 
 def pack(window: np.ndarray, eos_id: int) -> tuple[np.ndarray, np.ndarray]:

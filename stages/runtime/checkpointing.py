@@ -37,6 +37,7 @@ from model.errors import UserError
 from model.hybrid import NemotronH
 from model.tokenizer import Tokenizer
 from stages.runtime.distributed import World
+from stages.runtime.lora import merged_state
 
 TRAINER = "trainer.json"
 STATE = "training_state"
@@ -83,6 +84,38 @@ def latest_resumable(run: Path) -> Path:
     if not (path / TRAINER).is_file() or not (path / STATE).is_dir():
         raise UserError(f"cannot resume from {path}: it holds weights but no training state ({TRAINER}, {STATE}/)")
     return path
+
+
+def stage_of(checkpoint: Path) -> str | None:
+    """The stage that wrote a checkpoint ("pretrain", "sft", ...) as its trainer.json says; None for a checkpoint
+    no n3 stage wrote (a released one) or an unreadable one."""
+    try:
+        trainer = json.loads((Path(checkpoint) / TRAINER).read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    return trainer.get("stage", "pretrain" if "corpus" in trainer else None)
+
+
+def newest_run(root: Path, stage: str) -> Path | None:
+    """The run folder under `root` whose newest checkpoint `stage` wrote, written last; None if there is none."""
+    runs = []
+    for run in Path(root).glob("*/checkpoints"):
+        steps = sorted(step for step in run.glob("step-*") if (step / "config.json").is_file())
+        if steps and stage_of(steps[-1]) == stage:
+            runs.append((steps[-1].stat().st_mtime, run.parent))
+    return max(runs)[1] if runs else None
+
+
+def start_run_folder(run: Path, name: str, preset_toml: str | None) -> None:
+    """A new run goes into a folder without checkpoints; it keeps the resolved preset (as NAME.toml) for --resume."""
+    checkpoints = run / "checkpoints"
+    if checkpoints.is_dir() and any(checkpoints.iterdir()):
+        raise UserError(f"{run} holds a run already: pass --resume to continue it, or --out DIR to start another")
+    run.mkdir(parents=True, exist_ok=True)
+    if preset_toml is not None:
+        for stale in run.glob("*.toml"):  # from a run that died before its first checkpoint
+            stale.unlink()
+        (run / f"{name}.toml").write_text(preset_toml + "\n")
 
 
 def read_trainer_state(path: Path) -> dict:
@@ -134,11 +167,12 @@ def _single_process_is_intended() -> Iterator[None]:
 
 
 def _bare_model(objective: nn.Module, full_state: dict[str, torch.Tensor]) -> NemotronH:
-    """A plain NemotronH holding the gathered full weights (for writing HF files)."""
+    """A plain NemotronH holding the gathered full weights, LoRA adapters merged in (for writing HF files)."""
     inner = getattr(objective, "module", objective)
     config = inner.model.config
     with torch.device("meta"):
         model = NemotronH(config)
+    full_state = merged_state(full_state, inner)
     weights = {k.removeprefix("model."): v for k, v in full_state.items() if k.startswith("model.")}
     model.load_state_dict(weights, assign=True)
     return model

@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from model.errors import UserError
+from stages.runtime.files import write_json
 
 MANIFEST = "manifest.json"
 FORMAT = 1
@@ -74,9 +74,7 @@ class Manifest:
 
     def save(self, directory: Path) -> None:
         """Write manifest.json through a temporary file and a rename."""
-        tmp = directory / f".{MANIFEST}.tmp-{os.getpid()}"
-        tmp.write_text(json.dumps(dataclasses.asdict(self), indent=2))
-        tmp.replace(directory / MANIFEST)
+        write_json(directory / MANIFEST, dataclasses.asdict(self))
 
     @classmethod
     def load(cls, directory: str | Path) -> Manifest:

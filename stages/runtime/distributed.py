@@ -19,7 +19,7 @@ import torch.distributed as dist
 from torch import nn
 
 from model.errors import UserError
-from presets.schema import RunConfig
+from presets.schema import RunConfig, TrainConfig
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -79,8 +79,10 @@ def teardown() -> None:
         dist.destroy_process_group()
 
 
-def check_layout(cfg: RunConfig, world: World) -> None:
-    """What this trainer runs: data parallelism (DDP or FSDP2) over all ranks; FSDP shards experts like any weight."""
+def check_layout(cfg: RunConfig, world: World, train: TrainConfig | None = None) -> None:
+    """What this trainer runs: data parallelism (DDP or FSDP2) over all ranks; FSDP shards experts like any weight.
+    `train` is the stage's optimisation table (default: pretraining's [train])."""
+    train = train or cfg.train
     parallel = cfg.parallel
     for key in ("tensor", "pipeline", "context"):
         if getattr(parallel, key) > 1:
@@ -90,30 +92,33 @@ def check_layout(cfg: RunConfig, world: World) -> None:
             )
     if cfg.precision.compute == "bf16" and world.device.type != "cuda":
         raise UserError("precision.compute = bf16 needs a GPU here; on CPU use precision.compute=fp32")
-    per_step = cfg.train.micro_batch_size * world.size
-    if cfg.train.global_batch_size % per_step:
+    per_step = train.micro_batch_size * world.size
+    if train.global_batch_size % per_step:
         raise UserError(
-            f"train.global_batch_size ({cfg.train.global_batch_size}) must be a multiple of train.micro_batch_size x "
-            f"processes ({cfg.train.micro_batch_size} x {world.size})"
+            f"global_batch_size ({train.global_batch_size}) must be a multiple of micro_batch_size x "
+            f"processes ({train.micro_batch_size} x {world.size})"
         )
     if world.distributed and parallel.strategy == "none":
         raise UserError(f"{world.size} processes but parallel.strategy = none; set parallel.strategy=ddp or fsdp")
 
 
-def autocast(cfg: RunConfig, world: World):
-    """The compute-precision context of forward passes: bf16 autocast on GPU (for what fp8/nvfp4 leave in high
-    precision too), nothing on CPU (fp32, or fp8/nvfp4 emulated around fp32)."""
-    if cfg.precision.compute != "fp32" and world.device.type == "cuda":
+def autocast(compute: str, world: World):
+    """The context of forward passes in `compute` precision (precision.compute): bf16 autocast on GPU (for what
+    fp8/nvfp4 leave in high precision too), nothing on CPU (fp32, or fp8/nvfp4 emulated around fp32)."""
+    if compute != "fp32" and world.device.type == "cuda":
         return torch.autocast(world.device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
 
 def prepare_model(
-    objective: nn.Module, cfg: RunConfig, world: World, note: Callable[[str], None] = lambda message: None
+    objective: nn.Module, cfg: RunConfig, world: World, note: Callable[[str], None] = lambda message: None,
+    train: TrainConfig | None = None,
 ) -> nn.Module:
     """The one place a model becomes trainable: master-weight dtype, then the low-precision converter (fp8, nvfp4:
-    model.lowp, on the unwrapped modules), then per-block compilation (train.compile), then DDP or FSDP2. Returns what
-    the loop calls; `note` hears what the converter and the compiler did."""
+    model.lowp, on the unwrapped modules), then per-block compilation (`train.compile`, of the stage's optimisation
+    table, default pretraining's), then DDP or FSDP2. Returns what the loop calls; `note` hears what the converter and
+    the compiler did."""
+    train = train or cfg.train
     from model.hybrid import cast
     from model.lowp import LOW_PRECISION_COMPUTE, convert
     from stages.runtime.compiling import compile_blocks
@@ -123,7 +128,7 @@ def prepare_model(
         cast(objective, torch.bfloat16)
     if cfg.precision.compute in LOW_PRECISION_COMPUTE:
         note(convert(objective.model, cfg.precision).summary())
-    if cfg.train.compile:
+    if train.compile:
         compile_blocks(objective.model, note)
     if not world.distributed:
         return objective

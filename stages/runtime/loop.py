@@ -1,9 +1,10 @@
 """The training loop every training stage runs: micro-batches with gradient accumulation, exact global-batch loss
 normalisation, clipping, AdamW with the WSD schedule, the expert-bias update, metrics, evaluation, checkpoints.
 
-A stage supplies a `TrainingJob`: the objective (a module whose forward returns the loss and its statistics, see
-losses.CausalLMObjective) prepared by distributed.prepare_model, the optimizer, and a source of batches with
-`next_step()` (this rank's micro-batches), `phase()`, `state_dict()` and `load_state_dict()`.
+A stage supplies a `TrainingJob`: its optimisation settings (a TrainConfig: pretraining's [train], a stage's own
+such table), the objective (a module whose forward returns the loss and its statistics, see losses.CausalLMObjective)
+prepared by distributed.prepare_model, the optimizer, and a source of batches with `next_step()` (this rank's
+micro-batches, batches.MicroBatch), `phase()`, `state_dict()` and `load_state_dict()`.
 
 Loss normalisation: each head's summed token losses are divided by that head's valid-label count over the whole global
 batch (all micro-batches, all ranks), so one process with accumulation and N processes compute the same loss and
@@ -23,7 +24,7 @@ from torch import nn
 
 from kernels.cross_entropy import IGNORE
 from model.tokenizer import Tokenizer
-from presets.schema import RunConfig
+from presets.schema import TrainConfig
 from stages.runtime import distributed
 from stages.runtime.checkpointing import save_checkpoint
 from stages.runtime.distributed import World
@@ -35,7 +36,9 @@ from stages.runtime.progress import Progress
 
 @dataclass
 class TrainingJob:
-    cfg: RunConfig
+    train: TrainConfig
+    compute: str
+    """The matmul precision (precision.compute): what the forwards autocast to."""
     world: World
     objective: nn.Module
     """A losses.CausalLMObjective (or one with its forward contract), prepared by distributed.prepare_model."""
@@ -68,16 +71,15 @@ class LoopResult:
 def run_loop(job: TrainingJob, start_step: int = 0, monitor_state: dict | None = None) -> LoopResult:
     """Train from optimizer step `start_step` to job.total_steps; evaluate and checkpoint at the preset's intervals
     and at the end. Every rank calls it."""
-    train, world = job.cfg.train, job.world
+    train, world = job.train, job.world
     objective = distributed.unwrap(job.objective)
     moes, moe_names = objective.main_moes + objective.mtp_moes, objective.moe_names
-    head_scales = [1.0] + [train.mtp_loss_scale / train.mtp_depths] * train.mtp_depths if train.mtp_depths else [1.0]
+    head_scales = _head_scales(job)
     tokens_per_step = train.global_batch_size * train.seq_len
     monitor = Monitor(train.maxvio_warn, train.residual_jump_warn, settle_steps=max(train.warmup_steps, 50))
     if monitor_state:
         monitor.load_state_dict(monitor_state)
     log = MetricsLog(job.run / "metrics.jsonl", resume_step=start_step or None) if world.is_main else None
-    params = [p for p in job.objective.parameters() if p.requires_grad]
 
     job.progress.start("training", total=job.total_steps, completed=start_step)
     record: dict = {}
@@ -85,15 +87,7 @@ def run_loop(job: TrainingJob, start_step: int = 0, monitor_state: dict | None =
     job.objective.train()
     for step in range(start_step, job.total_steps):
         tick = time.perf_counter()
-        lr = wsd_lr(step, job.total_steps, train)
-        set_lr(job.optimizer, lr)
-        head_losses, aux, load, rms = _accumulate_gradients(job, head_scales)
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, train.grad_clip or math.inf)
-        job.optimizer.step()
-        job.optimizer.zero_grad(set_to_none=True)
-        for moe, layer_load in zip(moes, load):
-            update_expert_bias(moe, layer_load, train.bias_update_rate)
-
+        lr, head_losses, aux, load, rms, grad_norm = optimizer_step(job, step)
         done, throughput = step + 1, tokens_per_step / (time.perf_counter() - tick)
         maxvio = max_violation(load).tolist() if moes else []
         record = {
@@ -103,7 +97,7 @@ def run_loop(job: TrainingJob, start_step: int = 0, monitor_state: dict | None =
             "mtp": head_losses[1:],
             "aux": aux,
             "lr": lr,
-            "grad_norm": float(_full(grad_norm)),
+            "grad_norm": grad_norm,
             "tokens": done * tokens_per_step,
             "tokens_per_s": throughput,
             "mfu": throughput * job.flops_per_token / (job.peak_flops * world.size) if job.peak_flops else None,
@@ -131,13 +125,38 @@ def run_loop(job: TrainingJob, start_step: int = 0, monitor_state: dict | None =
                       warnings)
 
 
+def optimizer_step(job: TrainingJob, step: int) -> tuple[float, list[float], float, torch.Tensor, torch.Tensor, float]:
+    """Optimizer step number `step` (0-based) of the job, on every rank: the scheduled learning rate, forward and
+    backward over this rank's micro-batches, clipping, AdamW, the expert-bias update. Returns the learning rate, each
+    head's loss, the aux loss, the expert load per MoE layer, the residual RMS per layer and the gradient norm."""
+    train = job.train
+    lr = wsd_lr(step, job.total_steps, train)
+    set_lr(job.optimizer, lr)
+    head_losses, aux, load, rms = _accumulate_gradients(job, _head_scales(job))
+    params = [p for p in job.objective.parameters() if p.requires_grad]
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, train.grad_clip or math.inf)
+    job.optimizer.step()
+    job.optimizer.zero_grad(set_to_none=True)
+    objective = distributed.unwrap(job.objective)
+    for moe, layer_load in zip(objective.main_moes + objective.mtp_moes, load):
+        update_expert_bias(moe, layer_load, train.bias_update_rate)
+    return lr, head_losses, aux, load, rms, float(_full(grad_norm))
+
+
+def _head_scales(job: TrainingJob) -> list[float]:
+    """The weight of each head's mean loss: 1 for the next token, the MTP loss scale shared by the depths the
+    objective trains (not the table's: a model without an MTP head trains none)."""
+    depths = distributed.unwrap(job.objective).mtp_depths
+    return [1.0] + ([job.train.mtp_loss_scale / depths] * depths if depths else [])
+
+
 def _accumulate_gradients(job: TrainingJob, head_scales: list[float]):
     """Forward and backward over this rank's micro-batches of the next step. Returns, over the global batch: each
     head's mean loss, the mean aux loss, the expert load per MoE layer and the mean residual RMS per layer."""
-    train, world = job.cfg.train, job.world
+    train, world = job.train, job.world
     micro_batches = job.batches.next_step()
     depths = len(head_scales) - 1
-    counts = torch.stack([head_token_counts(mb.labels, depths) for mb in micro_batches]).sum(0)
+    counts = torch.stack([head_token_counts(mb.labels, depths, mb.seq_idx) for mb in micro_batches]).sum(0)
     counts = world.all_reduce(counts.to(world.device)).clamp(min=1).tolist()
     # Wrappers average gradients over ranks: multiply by the world to keep sum(loss) / global count.
     weights = [world.size * scale / n for scale, n in zip(head_scales, counts)]
@@ -145,8 +164,9 @@ def _accumulate_gradients(job: TrainingJob, head_scales: list[float]):
     sums, load, rms = torch.zeros(len(head_scales) + 1, device=world.device), 0, 0
     for i, mb in enumerate(micro_batches):
         with distributed.gradient_sync(job.objective, sync=i == len(micro_batches) - 1):
-            with distributed.autocast(job.cfg, world):
-                out = job.objective(mb.input_ids.to(world.device), mb.labels.to(world.device), weights)
+            with distributed.autocast(job.compute, world):
+                out = job.objective(mb.input_ids.to(world.device), mb.labels.to(world.device), weights,
+                                    seq_idx=_on(mb.seq_idx, world))
             out["loss"].backward()
         sums += torch.cat([out["head_sums"], out["aux"][None]])
         load, rms = load + out["expert_load"], rms + out["residual_rms"]
@@ -158,14 +178,19 @@ def _accumulate_gradients(job: TrainingJob, head_scales: list[float]):
     return head_losses, sums[-1].item() / micro_total, load, rms / micro_total
 
 
+def _on(tensor: torch.Tensor | None, world: World) -> torch.Tensor | None:
+    return None if tensor is None else tensor.to(world.device)
+
+
 def _full(tensor: torch.Tensor) -> torch.Tensor:
     """A DTensor (FSDP2's gradient norm) as a plain tensor."""
     return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
 
 
-def validation(objective: nn.Module, batches: list, cfg: RunConfig, world: World) -> Callable[[], float | None]:
-    """A function returning the mean next-token loss over `batches` (micro-batches of the validation set). Every
-    rank runs the same number of forwards (FSDP gathers weights in each); a rank short of batches runs a masked one."""
+def validation(objective: nn.Module, batches: list, compute: str, world: World) -> Callable[[], float | None]:
+    """A function returning the mean next-token loss over `batches` (micro-batches of the validation set) with the
+    matmuls in `compute` precision. Every rank runs the same number of forwards (FSDP gathers weights in each); a rank
+    short of batches runs a masked one."""
     per_rank = math.ceil(len(batches) / world.size)
 
     @torch.no_grad()
@@ -176,10 +201,11 @@ def validation(objective: nn.Module, batches: list, cfg: RunConfig, world: World
         objective.eval()
         for i in range(per_rank):
             j = i * world.size + world.rank
-            inputs, labels = (batches[j].input_ids, batches[j].labels) if j < len(batches) else (
-                batches[0].input_ids, torch.full_like(batches[0].labels, IGNORE))
-            with distributed.autocast(cfg, world):
-                out = objective(inputs.to(world.device), labels.to(world.device))
+            batch = batches[min(j, len(batches) - 1)]
+            labels = batch.labels if j < len(batches) else torch.full_like(batch.labels, IGNORE)
+            with distributed.autocast(compute, world):
+                out = objective(batch.input_ids.to(world.device), labels.to(world.device),
+                                seq_idx=_on(batch.seq_idx, world))
             totals += torch.stack([out["head_sums"][0], (labels != IGNORE).sum().to(totals)])
         objective.train()
         world.all_reduce(totals)

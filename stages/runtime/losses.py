@@ -20,21 +20,28 @@ from model.hybrid import NemotronH
 from model.moe import LatentMoE
 
 
-def mtp_labels(labels: torch.Tensor, depth: int) -> torch.Tensor:
-    """Labels of MTP depth k: position i predicts labels[i + k], kept only when no ignored label (a document
-    boundary) lies between, and the last k positions, which see wrapped-around tokens, ignored."""
+def mtp_labels(labels: torch.Tensor, depth: int, seq_idx: torch.Tensor | None = None) -> torch.Tensor:
+    """Labels of MTP depth k: position i predicts labels[i + k]; the last k positions, which see wrapped-around
+    tokens, are ignored. Without seq_idx an ignored label marks a document boundary (as pretraining packs documents):
+    the label is kept only when no ignored label lies between. With seq_idx (b, t), the documents of packed rows, the
+    loss mask and the boundaries are apart (a prompt's ignored labels in SFT): labels[i + k] is kept unless ignored
+    itself or in another document than position i."""
     if depth == 0:
         return labels
-    valid = labels != IGNORE
-    for k in range(1, depth + 1):
-        valid = valid & torch.roll(labels != IGNORE, -k, dims=1)
+    target = torch.roll(labels, -depth, dims=1)
+    if seq_idx is None:
+        valid = labels != IGNORE
+        for k in range(1, depth + 1):
+            valid = valid & torch.roll(labels != IGNORE, -k, dims=1)
+    else:
+        valid = (target != IGNORE) & (torch.roll(seq_idx, -depth, dims=1) == seq_idx)
     valid[:, -depth:] = False
-    return torch.where(valid, torch.roll(labels, -depth, dims=1), IGNORE)
+    return torch.where(valid, target, IGNORE)
 
 
-def head_token_counts(labels: torch.Tensor, depths: int) -> torch.Tensor:
+def head_token_counts(labels: torch.Tensor, depths: int, seq_idx: torch.Tensor | None = None) -> torch.Tensor:
     """Labels that take a loss, per head (1 + depths,): what each head's summed loss is divided by."""
-    return torch.stack([(mtp_labels(labels, k) != IGNORE).sum() for k in range(depths + 1)]).float()
+    return torch.stack([(mtp_labels(labels, k, seq_idx) != IGNORE).sum() for k in range(depths + 1)]).float()
 
 
 def sequence_aux_loss(scores: torch.Tensor, chosen: torch.Tensor, sequences: int) -> torch.Tensor:
@@ -56,7 +63,10 @@ def expert_load(chosen: torch.Tensor, experts: int) -> torch.Tensor:
 
 @torch.no_grad()
 def update_expert_bias(moe: LatentMoE, load: torch.Tensor, rate: float) -> None:
-    """Aux-loss-free balancing: raise the bias of underloaded experts, lower it for overloaded ones."""
+    """Aux-loss-free balancing: raise the bias of underloaded experts, lower it for overloaded ones. A frozen router
+    (LoRA leaves the base model as it is) keeps its bias too."""
+    if not moe.gate.weight.requires_grad:
+        return
     bias = moe.gate.e_score_correction_bias
     bias += rate * torch.sign(load.mean() - load).to(bias.device)
 
@@ -72,8 +82,9 @@ class CausalLMObjective(nn.Module):
     """Wraps a NemotronH; its forward is the training loss, so DDP and FSDP wrap this module and see every use of
     lm_head (the main and MTP heads) inside one forward.
 
-    forward(input_ids, labels, weights) with weights (heads + 1 floats) = the multiplier of each head's summed loss
-    (main, MTP depths) and of the mean aux loss, set by the loop from the global token counts. Returns a dict:
+    forward(input_ids, labels, weights, seq_idx) with weights (heads + 1 floats) = the multiplier of each head's summed
+    loss (main, MTP depths) and of the mean aux loss, set by the loop from the global token counts, and seq_idx (b, t)
+    the documents of packed rows (kernels.documents) or None: with it no head predicts across a document. Returns:
     loss (the scalar to backpropagate), head_sums (heads,) summed losses, aux (scalar), expert_load (MoE layers, E),
     residual_rms (layers,), all but loss detached. In eval mode (or weights None) only the main head's loss sum.
     """
@@ -96,11 +107,17 @@ class CausalLMObjective(nn.Module):
     def heads(self) -> int:
         return 1 + self.mtp_depths
 
-    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor, weights: list[float] | None = None) -> dict:
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        labels: torch.Tensor,
+        weights: list[float] | None = None,
+        seq_idx: torch.Tensor | None = None,
+    ) -> dict:
         model = self.model
         backbone = model.model
         backbone.residual_rms = [] if self.training else None
-        h = backbone(input_ids)
+        h = backbone(input_ids, seq_idx=seq_idx)
         if not self.training or weights is None:
             _, losses = linear_cross_entropy(h.flatten(0, 1), model.lm_head.weight, labels.flatten(), _ones(labels))
             return {"head_sums": losses.sum()[None]}
@@ -109,10 +126,10 @@ class CausalLMObjective(nn.Module):
         aux = _aux_terms(self.main_moes, input_ids.shape[0], h.device)
         loads = [expert_load(moe.last_routing[1], moe.gate.weight.shape[0]) for moe in self.main_moes]
         mtp_loads = [0.0] * len(self.mtp_moes)
-        depths = model.mtp_unroll(h, input_ids, self.mtp_depths) if self.mtp_depths else []
+        depths = model.mtp_unroll(h, input_ids, self.mtp_depths, seq_idx) if self.mtp_depths else []
         for k, hk in enumerate(depths, 1):
             hidden.append(hk)
-            targets.append(mtp_labels(labels, k))
+            targets.append(mtp_labels(labels, k, seq_idx))
             aux = aux + _aux_terms(self.mtp_moes, input_ids.shape[0], h.device)
             mtp_loads = [total + expert_load(moe.last_routing[1], moe.gate.weight.shape[0])
                          for total, moe in zip(mtp_loads, self.mtp_moes)]

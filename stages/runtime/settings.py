@@ -15,6 +15,7 @@ from pathlib import Path
 from model.errors import UserError
 from presets.schema import RunConfig
 
+
 def configure_kernels(cfg: RunConfig) -> None:
     """Apply the preset's [kernels] table; a fast path that is asked for by name but missing is a UserError."""
     import kernels
