@@ -17,21 +17,16 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from n3cli.options import DEFAULT_PRESET, Out, Preset, Sets, load_preset
+from n3cli.options import DEFAULT_PRESET, Checkpoint, Out, Preset, Sets, load_preset
 
 console = Console()
 
 app = typer.Typer(
-    help="Evaluate a checkpoint or an OpenAI-compatible endpoint: RULER, perplexity, throughput, MTP acceptance, "
-    "lm-evaluation-harness.",
+    help="Evaluate a checkpoint or an OpenAI-compatible endpoint: the built-in tasks, RULER, perplexity, throughput, "
+    "MTP acceptance, lm-evaluation-harness.",
     no_args_is_help=True,
 )
 
-Checkpoint = Annotated[
-    Path | None,
-    typer.Option("--checkpoint", "-c", help="A checkpoint directory or a run folder (its newest checkpoint), run "
-                 "in-process. Default: the newest run under runs/ (unless --endpoint)."),
-]
 Endpoint = Annotated[
     str | None,
     typer.Option("--endpoint", help="Base URL of an OpenAI-compatible server (n3 serve, vLLM), e.g. "
@@ -59,8 +54,8 @@ def _open_backend(checkpoint: Path | None, endpoint: str | None, tokenizer: Path
     """The evaluation backend the options name: an endpoint, or a checkpoint loaded in-process."""
     from model.checkpoint import newest_run
     from model.errors import UserError
-    from stages.eval.backend import engine_backend
-    from stages.eval.client import EndpointBackend
+    from stages.rollout.backend import engine_backend
+    from stages.rollout.client import EndpointBackend
 
     cfg = load_preset(preset, overrides)
     if checkpoint is not None and endpoint is not None:
@@ -165,6 +160,50 @@ def ruler(
         console.print("no plot: matplotlib is not installed (pip install 'n3[eval]')")
     _saved(write_json(folder / "ruler.json", result.summary()),
            write_jsonl(folder / "predictions.jsonl", result.predictions), plot)
+
+
+# --- tasks ----------------------------------------------------------------------------------------------------------
+@app.command("tasks")
+def tasks(
+    checkpoint: Checkpoint = None,
+    endpoint: Endpoint = None,
+    tokenizer: TokenizerPath = None,
+    model: ModelName = None,
+    domains: Annotated[str | None, typer.Option("--tasks", help="Comma-separated domains, each DOMAIN or "
+                                                "DOMAIN:LEVELS (e.g. math:1-2,code). Default: the preset's sft.tasks.")
+                       ] = None,
+    samples: Annotated[int | None, typer.Option(min=1, help="Held-out problems per domain. Default: the preset's "
+                                                "sft.eval_problems.")] = None,
+    max_tokens: Annotated[int | None, typer.Option(min=1, help="Tokens per reply, reasoning included. Default: the "
+                                                   "preset's sft.eval_max_tokens.")] = None,
+    reasoning: Annotated[str, typer.Option(help="Reasoning modes to run: on, off, or on,off.")] = "on,off",
+    seed: Seed = 0,
+    concurrency: Concurrency = 8,
+    preset: Preset = DEFAULT_PRESET,
+    overrides: Sets = None,
+    out: Out = None,
+) -> None:
+    """The built-in verifiable tasks (math, code, instructions): held-out accuracy per domain, greedy, with reasoning
+    on and off, and the mean reply length. Writes tasks.json and predictions.jsonl."""
+    from model.errors import UserError
+    from n3cli.report import print_tasks
+    from stages.envs.suite import MODES, evaluate_suite, parse_suite, suite_problems
+    from stages.eval.report import write_json, write_jsonl
+
+    cfg = load_preset(preset, overrides)
+    modes = tuple(m.strip() for m in reasoning.split(",") if m.strip())
+    if not modes or any(m not in MODES for m in modes):
+        raise UserError(f"--reasoning {reasoning!r}: give on, off or on,off")
+    suite = parse_suite(domains.split(",") if domains else cfg.sft.tasks)
+    problems = suite_problems(suite, "test", samples or cfg.sft.eval_problems, seed)
+    backend = _open_backend(checkpoint, endpoint, tokenizer, model, concurrency, preset, overrides)
+    console.print(f"model: {backend.description}")
+    with _progress("tasks", len(modes) * sum(map(len, problems.values()))) as advance:
+        result = evaluate_suite(backend, problems, max_tokens or cfg.sft.eval_max_tokens, modes, advance)
+    print_tasks(result)
+    folder = _out_dir(out, "tasks")
+    _saved(write_json(folder / "tasks.json", result.summary() | {"suite": suite, "seed": seed}),
+           write_jsonl(folder / "predictions.jsonl", result.predictions))
 
 
 # --- perplexity -----------------------------------------------------------------------------------------------------

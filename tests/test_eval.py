@@ -14,10 +14,10 @@ from model.engine import Engine, EngineConfig
 from model.errors import UserError
 from model.tokenizer import SPECIAL_TOKENS
 from presets import load
-from stages.eval.backend import EngineBackend, engine_backend
 from stages.eval.mtp import acceptance, text_prompts
 from stages.eval.perplexity import Tokens, perplexity, rolling_windows, text_tokens, validation_tokens
 from stages.eval.throughput import Shape, measure, report_shapes
+from stages.rollout.backend import EngineBackend, engine_backend
 from tests.oracles import random_hf_model
 from tests.test_engine import random_model
 from tests.test_serve import n3_cli

@@ -10,11 +10,11 @@ import pytest
 from model.errors import UserError
 from n3cli.main import main
 from presets import load
-from stages.eval.backend import engine_backend
-from stages.eval.client import EndpointBackend
 from stages.eval.perplexity import Tokens, perplexity
 from stages.eval.ruler import RulerOptions, run_ruler
 from stages.eval.throughput import Shape, measure
+from stages.rollout.backend import engine_backend
+from stages.rollout.client import EndpointBackend
 from tests.test_eval import save_talkative
 from tests.test_serve import serving
 

@@ -10,12 +10,12 @@ from collections import Counter
 import pytest
 
 from model.errors import UserError
-from stages.eval.backend import Backend
 from stages.eval.corpus import sentences
 from stages.eval.ruler import TASKS, RulerOptions, run_ruler, samples
 from stages.eval.ruler.niah import DEPTHS
 from stages.eval.ruler.samples import fit
 from stages.eval.ruler.scoring import clean, string_match_all, string_match_part
+from stages.rollout.backend import Backend
 
 SYNTHETIC = [t for t in TASKS if not t.startswith("qa")]
 
@@ -29,6 +29,9 @@ class Scripted(Backend):
 
     def generate(self, prompts, max_tokens, stop=None, temperature=0.0):
         return [self.answer(self.tokenizer.decode(p)) for p in prompts]
+
+    def chat(self, conversations, max_tokens, temperature=0.0, **template_kwargs):
+        raise NotImplementedError
 
     def score(self, sequences):
         raise NotImplementedError

@@ -1,8 +1,8 @@
 """`n3 eval`: RULER, perplexity, throughput, MTP acceptance and lm-evaluation-harness, each against a checkpoint in
 an in-process engine or any OpenAI-compatible endpoint (REFERENCE.md section 6).
 
-    backend = engine_backend(checkpoint, cfg, print)      # stages.eval.backend
-    backend = EndpointBackend(url, tokenizer_path)        # stages.eval.client
+    backend = engine_backend(checkpoint, cfg, print)      # stages.rollout.backend
+    backend = EndpointBackend(url, tokenizer_path)        # stages.rollout.client
     run_ruler(backend, RulerOptions(lengths, samples))    # stages.eval.ruler
     perplexity(backend, text_tokens(backend, path))       # stages.eval.perplexity
     measure(backend, Shape(8192, 65536), concurrency, n)  # stages.eval.throughput

@@ -13,8 +13,8 @@ from collections import defaultdict
 from pathlib import Path
 
 from model.errors import UserError
-from stages.eval.backend import Backend
 from stages.eval.perplexity import rolling_windows
+from stages.rollout.backend import Backend
 
 try:
     from lm_eval.api.model import TemplateLM

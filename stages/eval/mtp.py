@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 from model.errors import UserError
-from stages.eval.backend import EngineBackend
+from stages.rollout.backend import EngineBackend
 
 
 @dataclass

@@ -19,7 +19,7 @@ import numpy as np
 
 from model.errors import UserError
 from model.tokenizer import Tokenizer
-from stages.eval.backend import Backend
+from stages.rollout.backend import Backend
 from stages.runtime.corpus import Manifest, read_tokens
 
 

@@ -15,8 +15,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from model.errors import UserError
-from stages.eval.backend import Backend, Timing
 from stages.eval.corpus import builtin_corpus
+from stages.rollout.backend import Backend, Timing
 
 REPORT_SHAPES = [(8192, 65536), (51200, 2048)]
 """(input, output) tokens: the report's 8K/64K and 50K/2K."""

@@ -1,10 +1,12 @@
-"""Where an evaluation's model runs: one small interface, two implementations.
+"""Where a model runs for the stages that sample from it: one small interface, two implementations.
 
 - EngineBackend: a checkpoint loaded in this process, driven through model.engine's public API.
-- EndpointBackend (stages.eval.client): any OpenAI-compatible server (n3 serve, vLLM) through /v1/completions.
+- EndpointBackend (stages.rollout.client): any OpenAI-compatible server (n3 serve, vLLM) through /v1/completions
+  and /v1/chat/completions.
 
 Prompts cross the interface as token ids, encoded here with the model's tokenizer: lengths are exact, and both
 backends see the same input. `encode` prepends the tokenizer's bos token when it has one, as n3 stores documents.
+Conversations (`chat`) go through the model's own chat template: the engine's tokenizer in-process, the server's.
 """
 
 from __future__ import annotations
@@ -27,6 +29,18 @@ class TokenScore:
     """log P(token | the tokens before it)."""
     greedy: bool
     """The token is the model's most likely one at its position."""
+
+
+@dataclass
+class Reply:
+    """An assistant reply to a conversation."""
+
+    content: str
+    reasoning: str | None
+    """The reasoning, apart, when the reply opened with a thought; None otherwise."""
+    tokens: int
+    """Tokens generated, reasoning included."""
+    finish_reason: str
 
 
 @dataclass
@@ -61,6 +75,11 @@ class Backend(ABC):
         """The completion text of each prompt (greedy at temperature 0), cut before any stop string."""
 
     @abstractmethod
+    def chat(self, conversations: list[list[dict]], max_tokens: int, temperature: float = 0.0,
+             **template_kwargs) -> list[Reply]:
+        """Each conversation's reply, rendered by the model's chat template with template_kwargs (enable_thinking...)."""
+
+    @abstractmethod
     def score(self, sequences: list[list[int]]) -> list[list[TokenScore]]:
         """For each sequence, a TokenScore per token after the first."""
 
@@ -77,11 +96,16 @@ class EngineBackend(Backend):
         self.context = engine.max_len
         self.batch_size = 2 * engine.config.max_batch
 
-    def _run(self, prompts: list[list[int]], params: list) -> list:
+    def _run(self, prompts: list[list[int]] | None, params: list, **chat) -> list:
+        """Completions of token-id prompts, or with chat=dict(messages=[...], template_kwargs=...) of conversations."""
         from model.engine import PromptTooLong
 
         try:  # every request is checked before any is queued
-            requests = [self.engine.make_request(p, sp) for p, sp in zip(prompts, params)]
+            if prompts is None:
+                requests = [self.engine.make_request(None, sp, messages=m, template_kwargs=chat["template_kwargs"])
+                            for m, sp in zip(chat["messages"], params)]
+            else:
+                requests = [self.engine.make_request(p, sp) for p, sp in zip(prompts, params)]
         except PromptTooLong as err:
             raise UserError(f"{err}; lower the evaluation's lengths or raise serve.max_len") from None
         return self.engine.run([self.engine.add(r) for r in requests])
@@ -92,6 +116,13 @@ class EngineBackend(Backend):
         limits = max_tokens if isinstance(max_tokens, list) else [max_tokens] * len(prompts)
         params = [SamplingParams(max_tokens=m, temperature=temperature, stop=list(stop or [])) for m in limits]
         return [c.text for c in self._run(prompts, params)]
+
+    def chat(self, conversations, max_tokens, temperature=0.0, **template_kwargs):
+        from model.engine import SamplingParams
+
+        params = [SamplingParams(max_tokens=max_tokens, temperature=temperature)] * len(conversations)
+        done = self._run(None, params, messages=conversations, template_kwargs=template_kwargs)
+        return [Reply(c.text, c.reasoning, len(c.token_ids), c.finish_reason) for c in done]
 
     def score(self, sequences):
         from model.engine import SamplingParams

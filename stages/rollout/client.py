@@ -1,6 +1,6 @@
-"""EndpointBackend: evaluations against any OpenAI-compatible server (n3 serve, vLLM, SGLang) through
-/v1/completions, with prompts sent as token ids. Requests run on `concurrency` threads; errors the server answers
-become one-line UserErrors that quote it."""
+"""EndpointBackend: any OpenAI-compatible server (n3 serve, vLLM, SGLang) through /v1/completions, with prompts
+sent as token ids, and /v1/chat/completions for conversations (with `chat_template_kwargs`, as vLLM takes them).
+Requests run on `concurrency` threads; errors the server answers become one-line UserErrors that quote it."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from pathlib import Path
 
 from model.errors import UserError
 from model.tokenizer import Tokenizer
-from stages.eval.backend import Backend, Timing, TokenScore
+from stages.rollout.backend import Backend, Reply, Timing, TokenScore
 
 
 class EndpointBackend(Backend):
@@ -80,6 +80,21 @@ class EndpointBackend(Backend):
             return self._complete({"prompt": prompt, "max_tokens": limit, "temperature": temperature} | extra)["text"]
 
         return self._map(one, list(zip(prompts, limits)))
+
+    def chat(self, conversations, max_tokens, temperature=0.0, **template_kwargs):
+        def one(messages: list[dict]) -> Reply:
+            body = {"model": self.model, "messages": messages, "max_tokens": max_tokens, "temperature": temperature}
+            answer = self._request("POST", "/v1/chat/completions",
+                                   body | ({"chat_template_kwargs": template_kwargs} if template_kwargs else {}))
+            if not answer.get("choices"):
+                raise UserError(f"{self.base}/v1/chat/completions answered without choices")
+            choice, usage = answer["choices"][0], answer.get("usage") or {}
+            message = choice.get("message") or {}
+            reasoning = message.get("reasoning_content", message.get("reasoning"))
+            return Reply(message.get("content") or "", reasoning, usage.get("completion_tokens", 0),
+                         choice.get("finish_reason") or "stop")
+
+        return self._map(one, conversations)
 
     def score(self, sequences):
         def one(ids: list[int]) -> list[TokenScore]:

@@ -19,7 +19,6 @@ from functools import partial
 from pathlib import Path
 
 from model.errors import UserError
-from stages.eval.backend import Backend
 from stages.eval.corpus import Corpus, builtin_corpus, folder_corpus
 from stages.eval.ruler.aggregation import CommonWords, FrequentWords
 from stages.eval.ruler.draft import Generator
@@ -30,6 +29,7 @@ from stages.eval.ruler.scoring import clean
 from stages.eval.ruler.tasks import TASKS
 from stages.eval.ruler.tracking import VariableTracking
 from stages.eval.ruler.words import word_lists
+from stages.rollout.backend import Backend
 
 __all__ = ["TASKS", "RulerOptions", "RulerResult", "Sample", "run_ruler", "samples"]
 
