@@ -54,7 +54,8 @@ N3_TEMPLATE = r"""
       {%- if f.description is defined -%}{{- '\n<description>' + f.description + '</description>' -}}{%- endif -%}
       {{- '\n<parameters>' + ((f.parameters if f.parameters is defined else {}) | tojson) + '</parameters>\n</function>' -}}
     {%- endfor -%}
-    {{- '\n</tools>\n\nTo call a function reply with:\n<tool_call>\n<function=NAME>\n<parameter=KEY>\nVALUE\n</parameter>\n</function>\n</tool_call>' -}}
+    {{- '\n</tools>\n\nTo call a function reply with:\n' -}}
+    {{- '<tool_call>\n<function=NAME>\n<parameter=KEY>\nVALUE\n</parameter>\n</function>\n</tool_call>' -}}
   {%- endif -%}
   {{- '<|im_end|>\n' -}}
 {%- endif -%}

@@ -7,7 +7,6 @@ max_thinking_tokens / thinking_grace (reasoning budget). Unknown fields are igno
 
 from __future__ import annotations
 
-import json
 import time
 import uuid
 from dataclasses import dataclass
@@ -15,6 +14,7 @@ from functools import lru_cache
 
 from model.engine import Completion, SamplingParams, TokenLogprob
 from model.tokenizer import Tokenizer
+from stages.chat.rows import RowError, parse_messages
 
 MAX_N = 128
 MAX_TOP_LOGPROBS = 20
@@ -134,8 +134,6 @@ def choice_params(params: SamplingParams, index: int) -> SamplingParams:
 
 
 # --- chat ----------------------------------------------------------------------------------------------------------
-ROLES = ("system", "developer", "user", "assistant", "tool")
-
 
 @dataclass
 class ChatRequest(Common):
@@ -152,9 +150,10 @@ def parse_chat(body: dict, served: str) -> ChatRequest:
         raise APIError(400, "the request body must be a JSON object")
     common = _common(body, served, ("max_tokens", "max_completion_tokens"), None, 1)
     raw = _field(body, "messages", list, required=True)
-    if not raw:
-        raise invalid("messages", "'messages' must hold at least one message")
-    messages = [_message(m, i) for i, m in enumerate(raw)]
+    try:
+        messages = parse_messages(raw)
+    except RowError as err:
+        raise invalid(err.where, f"'{err.where}' {str(err).removeprefix(err.where + ': ')}") from None
     tools = _field(body, "tools", list)
     if tools is not None and not all(isinstance(t, dict) for t in tools):
         raise invalid("tools", "'tools' must be an array of objects")
@@ -170,53 +169,6 @@ def parse_chat(body: dict, served: str) -> ChatRequest:
         common.params.logprobs = top or 0
     return ChatRequest(**vars(common), messages=messages, logprobs=logprobs, tools=tools,
                        template_kwargs=template_kwargs)
-
-
-def _message(message, index: int) -> dict:
-    param = f"messages[{index}]"
-    if not isinstance(message, dict):
-        raise invalid(param, f"'{param}' must be an object with 'role' and 'content'")
-    role = message.get("role")
-    if role not in ROLES:
-        raise invalid(f"{param}.role", f"'{param}.role' must be one of {', '.join(ROLES)}, got {role!r}")
-    content = message.get("content")
-    if content is None:
-        content = ""
-    if isinstance(content, list):  # content parts: only text parts
-        parts = []
-        for part in content:
-            if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
-                raise invalid(f"{param}.content", f"'{param}.content' parts must be {{'type': 'text', 'text': ...}}")
-            parts.append(part["text"])
-        content = "".join(parts)
-    if not isinstance(content, str):
-        raise invalid(f"{param}.content", f"'{param}.content' must be a string or an array of text parts")
-    out = {"role": "system" if role == "developer" else role, "content": content}
-    for key in ("reasoning_content", "name", "tool_call_id"):
-        if message.get(key) is not None:
-            if not isinstance(message[key], str):
-                raise invalid(f"{param}.{key}", f"'{param}.{key}' must be a string")
-            out[key] = message[key]
-    if message.get("tool_calls"):
-        out["tool_calls"] = [_tool_call(call, f"{param}.tool_calls[{j}]") for j, call in enumerate(message["tool_calls"])]
-    return out
-
-
-def _tool_call(call, param: str) -> dict:
-    """An assistant's tool call as templates read it: {"type": "function", "function": {"name", "arguments"}} with
-    the arguments an object (OpenAI sends them as a JSON string)."""
-    function = call.get("function") if isinstance(call, dict) else None
-    if not isinstance(function, dict) or not isinstance(function.get("name"), str):
-        raise invalid(param, f"'{param}' must be {{'type': 'function', 'function': {{'name': ..., 'arguments': ...}}}}")
-    arguments = function.get("arguments") or {}
-    if isinstance(arguments, str):
-        try:
-            arguments = json.loads(arguments)
-        except json.JSONDecodeError:
-            raise invalid(param, f"'{param}.function.arguments' is not valid JSON") from None
-    if not isinstance(arguments, dict):
-        raise invalid(param, f"'{param}.function.arguments' must be a JSON object")
-    return {**call, "function": {**function, "arguments": arguments}}
 
 
 # --- completions ----------------------------------------------------------------------------------------------------
