@@ -16,7 +16,7 @@ from typing import Annotated
 import typer
 
 from model.errors import UserError
-from n3cli import __version__, data, presets, pretrain, quantize, serve
+from n3cli import __version__, data, presets, pretrain, quantize, serve, sft
 from n3cli import eval as evaluation
 from n3cli.options import Debug
 
@@ -27,6 +27,7 @@ COMMANDS: dict[str, Callable | typer.Typer] = {
     "data": data.run,
     "presets": presets.app,
     "pretrain": pretrain.run,
+    "sft": sft.run,
     "quantize": quantize.run,
     "serve": serve.run,
     "eval": evaluation.app,

@@ -126,3 +126,66 @@ def print_corpus(prepared) -> None:
     )
     for note in m.notes:
         console.print(f"note: {note}")
+
+
+def print_chat_data(data, steps: int, rows_per_step: int) -> None:
+    """What `n3 sft` trains on (stages.sft.ChatData): sources, reasoning modes, packing."""
+    stats = data.train.stats
+    table = Table("source", "weight", "conversations", "samples", "tokens", title="SFT data", show_edge=False)
+    for s in data.sources:
+        table.add_row(s.name, f"{s.weight:g}", str(s.conversations), str(s.samples), human(s.tokens))
+    console.print(table)
+    modes = ", ".join(f"{name} {count}" for name, count in data.modes.items() if count)
+    skipped = [f"{data.nothing_to_train} with nothing to train"] if data.nothing_to_train else []
+    skipped += [f"{data.bad_rows} malformed rows (--skip-bad)"] if data.bad_rows else []
+    skipped += [f"{stats.too_long} samples longer than {stats.seq_len} tokens"] if stats.too_long else []
+    console.print(
+        f"reasoning: {modes}\n"
+        f"packed: {stats.samples} samples into {stats.rows} rows of {stats.seq_len} tokens, efficiency "
+        f"{stats.efficiency:.1%} (non-padding), {human(stats.trained)} tokens take a loss\n"
+        + (f"skipped: {', '.join(skipped)}\n" if skipped else "")
+        + f"training: {steps} steps of {rows_per_step} rows ({steps * rows_per_step / max(1, stats.rows):.2f} epochs)"
+    )
+
+
+def print_sft(result) -> None:
+    """The end of `n3 sft`: the data, the training, the accuracy before and after, where the checkpoint is."""
+    loop = result.loop
+    print_chat_data(result.data, result.total_steps, result.rows_per_step)
+    table = Table(title=f"Fine-tuned {result.start} -> {result.run}", show_header=False, show_edge=False)
+    table.add_column(justify="left")
+    table.add_column(justify="right")
+    if loop is None:
+        table.add_row("steps", f"{result.total_steps} (the run was complete already)")
+    else:
+        table.add_row("steps", f"{result.start_step} -> {result.total_steps}")
+        table.add_row("training time", f"{loop.seconds:.0f} s ({human(loop.tokens / loop.seconds)} tokens/s)")
+        table.add_row("final training loss", f"{loop.last['loss']:.3f} (next-token {loop.last['ce']:.3f})")
+        if loop.val_loss is not None:
+            table.add_row("validation loss", f"{loop.val_loss:.3f} nats/token (held-out conversations)")
+    table.add_row("checkpoint", str(result.checkpoint))
+    console.print(table)
+    if result.before is not None and result.after is not None:
+        print_task_change(result.before, result.after)
+
+
+def print_tasks(result) -> None:
+    """`n3 eval tasks`: accuracy per domain and reasoning mode (stages.envs.suite.SuiteAccuracy)."""
+    table = Table("domain", "reasoning", "accuracy", "reward", "reply tokens", "problems", title="Held-out tasks",
+                  show_edge=False)
+    for r in result.results:
+        table.add_row(r.domain, r.reasoning, f"{r.accuracy:.1%}", f"{r.reward:.3f}", f"{r.tokens:.1f}",
+                      str(r.problems) + (f" ({r.errors} checker errors)" if r.errors else ""))
+    console.print(table)
+
+
+def print_task_change(before, after) -> None:
+    """Accuracy before and after a stage, per domain and reasoning mode."""
+    table = Table("domain", "reasoning", "before", "after", "change", "reply tokens",
+                  title="Held-out accuracy (greedy; reply tokens after)", show_edge=False)
+    for r in after.results:
+        b = before.get(r.domain, r.reasoning)
+        start = b.accuracy if b else float("nan")
+        table.add_row(r.domain, r.reasoning, f"{start:.1%}", f"{r.accuracy:.1%}", f"{r.accuracy - start:+.1%}",
+                      f"{r.tokens:.1f}")
+    console.print(table)

@@ -28,9 +28,9 @@ def n3(*args: str, **env: str) -> subprocess.CompletedProcess:
 def test_cli_surface():
     """Changing the command surface is a decision: update this list with it."""
     root = typer.main.get_command(app)
-    assert sorted(root.commands) == ["data", "eval", "presets", "pretrain", "quantize", "serve"]
+    assert sorted(root.commands) == ["data", "eval", "presets", "pretrain", "quantize", "serve", "sft"]
     assert sorted(root.commands["presets"].commands) == ["list", "show"]
-    assert sorted(root.commands["eval"].commands) == ["lm-eval", "mtp", "perplexity", "ruler", "throughput"]
+    assert sorted(root.commands["eval"].commands) == ["lm-eval", "mtp", "perplexity", "ruler", "tasks", "throughput"]
     assert sorted(p.opts[0] for p in root.params) == ["--debug", "--version"]
 
 

@@ -90,25 +90,32 @@ def test_checkpoint_loads_in_transformers(trained):
         assert (ours(ids) - theirs(ids).logits).abs().max() < 1e-4
 
 
-def test_sigkill_then_resume_repeats_the_losses_bitwise(small_corpus, tmp_path):
-    args = settings(small_corpus, "train.steps=24", "train.checkpoint_interval=4", "train.eval_interval=8")
-    whole = n3_process("pretrain", "--out", str(tmp_path / "whole"), *args)
-    killed = n3_process("pretrain", "--out", str(tmp_path / "killed"), *args)
-    first = tmp_path / "killed" / "checkpoints" / "step-00000004"
+def assert_killed_and_resumed_repeats(command: str, args: list[str], folder: Path, first: int, last: int,
+                                      keys: tuple[str, ...]) -> None:
+    """Run `n3 COMMAND ARGS` whole, and again SIGKILLed once its checkpoint of step `first` exists, then resumed:
+    both runs' metrics agree bit for bit on `keys`."""
+    whole = n3_process(command, "--out", str(folder / "whole"), *args)
+    killed = n3_process(command, "--out", str(folder / "killed"), *args)
+    checkpoints = folder / "killed" / "checkpoints"
     deadline = time.time() + 240
-    while not first.is_dir() and killed.poll() is None and time.time() < deadline:
+    while not (checkpoints / f"step-{first:08d}").is_dir() and killed.poll() is None and time.time() < deadline:
         time.sleep(0.01)
     killed.send_signal(signal.SIGKILL)
     killed.wait()
     assert whole.wait(timeout=300) == 0, whole.stderr.read()
-    assert not (tmp_path / "killed" / "checkpoints" / "step-00000024").exists()  # it did die mid-run
-    resumed = n3_process("pretrain", "--resume", "--out", str(tmp_path / "killed"))
+    assert not (checkpoints / f"step-{last:08d}").exists()  # it did die mid-run
+    resumed = n3_process(command, "--resume", "--out", str(folder / "killed"))
     out, err = resumed.communicate(timeout=300)
     assert resumed.returncode == 0, err
     assert "resuming" in err
-    expected, got = read_metrics(tmp_path / "whole" / "metrics.jsonl"), read_metrics(tmp_path / "killed" / "metrics.jsonl")
-    keys = ("step", "loss", "ce", "mtp", "aux", "grad_norm", "lr", "maxvio", "residual_rms", "val_loss")
+    expected, got = read_metrics(folder / "whole" / "metrics.jsonl"), read_metrics(folder / "killed" / "metrics.jsonl")
     assert [[r.get(k) for k in keys] for r in got] == [[r.get(k) for k in keys] for r in expected]
+
+
+def test_sigkill_then_resume_repeats_the_losses_bitwise(small_corpus, tmp_path):
+    args = settings(small_corpus, "train.steps=24", "train.checkpoint_interval=4", "train.eval_interval=8")
+    keys = ("step", "loss", "ce", "mtp", "aux", "grad_norm", "lr", "maxvio", "residual_rms", "val_loss")
+    assert_killed_and_resumed_repeats("pretrain", args, tmp_path, first=4, last=24, keys=keys)
 
 
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
