@@ -5,7 +5,6 @@ Levels:
     2  shout(s): s in upper case        one string or list built-in (len, sum, max, sorted, slicing, upper...)
     3  count_evens(nums)                a loop or a condition
     4  running_total(nums)              a loop that keeps state, or two ideas together (digit sums, primes, vowels)
-    5  add_three_then_times_four(x)     two arithmetic steps, each with its own number
 
 Scoring runs the last ```python block of the completion, then the tests, then a line that prints a fresh random
 sentinel, in a sandboxed child process (stages.envs.sandbox). It passes only if the process exits 0 and the
@@ -256,34 +255,6 @@ LEVEL_4 = (
          lambda k, x: sum(word.lower().startswith(k) for word in x.split()), "text", LETTERS),
 )
 
-TWO_NUMBERS = tuple((a, b) for a in range(2, 11) for b in range(2, 11))
-LEVEL_5 = (  # two steps, each with its own number: the function does one thing to the result of the other
-    Spec("add_{w[0]}_then_times_{w[1]}", "returns {x} plus {k[0]}, then that times {k[1]}",
-         "return ({x} + {k[0]}) * {k[1]}", "Two steps: {x} + {k[0]}, then times {k[1]}.",
-         lambda k, x: (x + k[0]) * k[1], ks=TWO_NUMBERS),
-    Spec("subtract_{w[0]}_then_times_{w[1]}", "returns {x} minus {k[0]}, then that times {k[1]}",
-         "return ({x} - {k[0]}) * {k[1]}", "Two steps: {x} - {k[0]}, then times {k[1]}.",
-         lambda k, x: (x - k[0]) * k[1], ks=TWO_NUMBERS),
-    Spec("times_{w[0]}_then_add_{w[1]}", "returns {x} times {k[0]}, then that plus {k[1]}",
-         "return {x} * {k[0]} + {k[1]}", "Two steps: {x} * {k[0]}, then plus {k[1]}.",
-         lambda k, x: x * k[0] + k[1], ks=TWO_NUMBERS),
-    Spec("times_{w[0]}_then_subtract_{w[1]}", "returns {x} times {k[0]}, then that minus {k[1]}",
-         "return {x} * {k[0]} - {k[1]}", "Two steps: {x} * {k[0]}, then minus {k[1]}.",
-         lambda k, x: x * k[0] - k[1], ks=TWO_NUMBERS),
-    Spec("add_{w[0]}_then_remainder_{w[1]}", "returns the remainder of {x} plus {k[0]}, divided by {k[1]}",
-         "return ({x} + {k[0]}) % {k[1]}", "Two steps: {x} + {k[0]}, then the remainder by {k[1]} with %.",
-         lambda k, x: (x + k[0]) % k[1], ks=TWO_NUMBERS),
-    Spec("times_{w[0]}_then_divide_{w[1]}", "returns {x} times {k[0]}, then that divided by {k[1]}, rounded down",
-         "return {x} * {k[0]} // {k[1]}", "Two steps: {x} * {k[0]}, then divided by {k[1]} rounded down with //.",
-         lambda k, x: x * k[0] // k[1], ks=TWO_NUMBERS),
-)
-
-
-def _words(k):
-    """A parameter as the words a function name spells it with: 3 -> three, (2, 10) -> (two, ten)."""
-    if isinstance(k, tuple):
-        return tuple(_words(v) for v in k)
-    return NUMBER_WORDS[k] if isinstance(k, int) else k
 
 
 def _build(level: int, spec: Spec, k_index: int, name_index: int) -> Problem | None:
@@ -292,7 +263,7 @@ def _build(level: int, spec: Spec, k_index: int, name_index: int) -> Problem | N
         return None
     k = spec.ks[k_index]
     names = argument.names[name_index]
-    fields = dict(zip("xy", names), k=k, w=_words(k))
+    fields = dict(zip("xy", names), k=k, w=NUMBER_WORDS[k] if isinstance(k, int) else k)
     name = spec.name.format(**fields)
     signature = f"{name}({', '.join(names)})"
     # No example call: the spec says it all, and an example would double a prompt for a small model.
@@ -301,7 +272,8 @@ def _build(level: int, spec: Spec, k_index: int, name_index: int) -> Problem | N
     response = f"```python\ndef {signature}:\n{body}\n```"
     tests = [f"assert {name}({', '.join(map(repr, inputs))}) == {spec.solve(k, *inputs)!r}"
              for inputs in argument.inputs]
-    return Problem("code", level, prompt, spec.plan.format(**fields), response, {"tests": tests}, key=prompt)
+    # The key is the function, whatever its argument is called: a test function is one training never writes.
+    return Problem("code", level, prompt, spec.plan.format(**fields), response, {"tests": tests}, key=name)
 
 
 def _space(level: int, specs: tuple[Spec, ...]) -> Space:
@@ -310,8 +282,7 @@ def _space(level: int, specs: tuple[Spec, ...]) -> Space:
     return Space((specs, range(most_ks), range(most_names)), lambda *choice: _build(level, *choice))
 
 
-SPACES = {level: _space(level, specs)
-          for level, specs in enumerate((LEVEL_1, LEVEL_2, LEVEL_3, LEVEL_4, LEVEL_5), 1)}
+SPACES = {level: _space(level, specs) for level, specs in enumerate((LEVEL_1, LEVEL_2, LEVEL_3, LEVEL_4), 1)}
 
 CODE_BLOCK = re.compile(r"```python[ \t]*\n(.*?)```", re.DOTALL)
 MODULE_LINE = re.compile(r"line (\d+), in <module>")
