@@ -35,10 +35,10 @@ def grouped_mm(x: torch.Tensor, weight: torch.Tensor, counts: torch.Tensor) -> t
 
 
 ROW_TILE = 8
-"""The loop multiplies an expert's rows in whole tiles of this many, the last one padded with zeros. MKL rounds a row
-differently in a call of fewer rows or in a partial last tile, so without the padding a token's expert output would
-depend on how many other tokens chose that expert; with it every row rounds alike whatever the batch (measured on
-CPU for row counts up to 1,500), and the documents of a packed row stay bitwise apart."""
+"""The loop multiplies an expert's rows in whole tiles of this many: MKL rounds a row differently in a call of fewer
+rows or in a partial last tile, so a token's expert output would otherwise depend on how many other tokens chose
+that expert. With whole tiles every row rounds alike whatever the batch (measured on CPU for row counts up to 1,500),
+and the documents of a packed row stay bitwise apart."""
 
 
 @torch.library.custom_op("n3::grouped_mm", mutates_args=())
@@ -46,13 +46,18 @@ def _grouped_mm(x: torch.Tensor, weight: torch.Tensor, counts: torch.Tensor) -> 
     sizes = counts.tolist()
     out = x.new_empty(x.shape[0], weight.shape[1])
     for expert, rows, target in zip(weight.unbind(0), x.split(sizes), out.split(sizes)):
-        whole = len(rows) - len(rows) % ROW_TILE
+        n = len(rows)
+        whole = n - n % ROW_TILE
         if whole:
             torch.mm(rows[:whole], expert.T, out=target[:whole])
-        if whole < len(rows):
-            tail = rows.new_zeros(ROW_TILE, rows.shape[1])
-            tail[: len(rows) - whole] = rows[whole:]
-            target[whole:] = (tail @ expert.T)[: len(rows) - whole]
+        if whole == n:
+            continue
+        if n >= ROW_TILE:  # the last whole tile, overlapping the ones before: its last rows are the ones left
+            target[whole:] = (rows[n - ROW_TILE :] @ expert.T)[ROW_TILE - (n - whole) :]
+        else:  # fewer rows than a tile: padded with zeros
+            tile = rows.new_zeros(ROW_TILE, rows.shape[1])
+            tile[:n] = rows
+            target.copy_((tile @ expert.T)[:n])
     return out
 
 
