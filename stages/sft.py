@@ -23,6 +23,7 @@ import torch
 
 from model.checkpoint import config_from_hf, from_pretrained, read_config, resolve_checkpoint
 from model.errors import UserError
+from model.hybrid import build
 from model.tokenizer import Tokenizer
 from presets import check_train
 from presets.schema import RunConfig
@@ -36,7 +37,7 @@ from stages.runtime import distributed
 from stages.runtime.checkpointing import latest_resumable, load_checkpoint, read_trainer_state, stage_of, start_run_folder
 from stages.runtime.files import write_json
 from stages.runtime.loop import LoopResult, TrainingJob, run_loop, validation
-from stages.runtime.lora import apply_lora
+from stages.runtime.lora import apply_lora, target_modules
 from stages.runtime.losses import CausalLMObjective
 from stages.runtime.metrics import flops_per_token, peak_flops
 from stages.runtime.optim import build_optimizer
@@ -89,6 +90,8 @@ def sft(
     tokenizer = chat_tokenizer(source)
     model_cfg = config_from_hf(read_config(source))
     check_train(cfg, "sft.train", model_cfg)
+    if cfg.sft.lora.rank:
+        target_modules(build(model_cfg, device="meta"), cfg.sft.lora.targets)  # a bad target fails before any work
     suite = parse_suite(cfg.sft.tasks)
     chat = build_chat_data(tokenizer, chat_options(cfg), data, suite, skip_bad, progress)
     if trainer is not None and trainer.get("data_fingerprint") != chat.fingerprint:

@@ -251,6 +251,14 @@ def test_cli_writes_tables_json_and_plot(checkpoint, tmp_path, capsys, monkeypat
                                   "--prompt-len", "16", "--max-tokens", "6", "--out", str(tmp_path / "mtp"))
     assert status == 0, err
     assert len(json.loads((tmp_path / "mtp/mtp.json").read_text())["per_depth"]) == 2 and "language reference" in stdout
+    status, stdout, err = n3_cli(capsys, "eval", "tasks", "-c", str(checkpoint), "--tasks", "math:1,code:1",
+                                  "--samples", "2", "--max-tokens", "8", "--set", "serve.compile=false",
+                                  "--out", str(tmp_path / "tasks"))
+    assert status == 0, err
+    results = json.loads((tmp_path / "tasks/tasks.json").read_text())["results"]
+    assert [(r["domain"], r["reasoning"], r["problems"]) for r in results] == [
+        ("math", "on", 2), ("math", "off", 2), ("code", "on", 2), ("code", "off", 2)]
+    assert "Held-out tasks" in stdout and len((tmp_path / "tasks/predictions.jsonl").read_text().splitlines()) == 8
 
 
 def test_cli_errors_are_one_line(checkpoint, tmp_path, capsys, monkeypatch):
@@ -261,6 +269,9 @@ def test_cli_errors_are_one_line(checkpoint, tmp_path, capsys, monkeypatch):
         (["ruler", "-c", str(checkpoint), "--endpoint", "http://x"], "not both"),
         (["ruler", "-c", str(checkpoint), "--lengths", "4q"], "not a length"),
         (["ruler", "-c", str(checkpoint), "--tasks", "nope"], "unknown RULER task"),
+        (["tasks", "-c", str(checkpoint), "--tasks", "chess"], "unknown task 'chess'"),
+        (["tasks", "-c", str(checkpoint), "--tasks", "math:9"], "math has levels 1, 2, 3, 4, 5"),
+        (["tasks", "-c", str(checkpoint), "--reasoning", "maybe"], "--reasoning 'maybe'"),
         (["perplexity", "-c", str(checkpoint)], "give --text FILE or --data DIR"),
         (["perplexity", "-c", str(checkpoint), "--text", "missing.txt"], "no such file"),
         (["throughput", "-c", str(checkpoint), "--shapes", "8k"], "INPUT:OUTPUT"),

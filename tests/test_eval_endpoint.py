@@ -93,3 +93,17 @@ def test_endpoint_errors_are_user_errors(url, checkpoint, tmp_path, capsys):
     assert exit_.value.code == 0, capsys.readouterr().err
     summary = json.loads((tmp_path / "out/perplexity.json").read_text())
     assert summary["backend"].startswith(url) and summary["window"] == 64
+
+
+def test_tasks_through_the_endpoint_answer_like_the_engine(both):
+    """The built-in tasks through /v1/chat/completions (the server's chat template, chat_template_kwargs for the
+    reasoning mode) give the replies, scores and reply lengths of the in-process engine."""
+    from stages.envs.suite import evaluate_suite, parse_suite, suite_problems
+
+    endpoint, engine = both
+    problems = suite_problems(parse_suite(["math:1", "instructions:1"]), "test", 2, seed=0)
+    remote, local = (evaluate_suite(backend, problems, max_tokens=12) for backend in (endpoint, engine))
+    fields = ("domain", "reasoning_mode", "reasoning", "answer", "tokens", "reward")
+    assert [[p[f] for f in fields] for p in remote.predictions] == [[p[f] for f in fields] for p in local.predictions]
+    assert {p["reasoning_mode"] for p in local.predictions} == {"on", "off"}
+    assert all(p["reasoning"] is None for p in local.predictions if p["reasoning_mode"] == "off")
