@@ -79,13 +79,16 @@ def sft(
     skip_bad: bool = False, progress: Progress | None = None, preset_toml: str | None = None,
 ) -> SFTResult | None:
     """Fine-tune `checkpoint` (a checkpoint or run folder; on --resume the run's own) on `data` (None: the built-in
-    tasks) into the run folder. Collective under torchrun; returns the result on rank 0, None elsewhere."""
+    tasks, or on --resume the chat files the run started with) into the run folder. Collective under torchrun;
+    returns the result on rank 0, None elsewhere."""
     progress = progress or Quiet()
     train = cfg.sft.train
     world = distributed.setup(cfg)
     distributed.check_layout(cfg, world, train)
     configure_kernels(cfg)
     start, path, trainer = _starting_point(run, checkpoint, resume)
+    if trainer is not None and data is None and trainer.get("sources"):  # a resumed run keeps its chat files
+        data = [ChatSource(name, Path(where), weight) for name, where, weight in trainer["sources"]]
     source = path or start
     tokenizer = chat_tokenizer(source)
     model_cfg = config_from_hf(read_config(source))
@@ -95,7 +98,8 @@ def sft(
     suite = parse_suite(cfg.sft.tasks)
     chat = build_chat_data(tokenizer, chat_options(cfg), data, suite, skip_bad, progress)
     if trainer is not None and trainer.get("data_fingerprint") != chat.fingerprint:
-        raise UserError(f"cannot resume {run}: its training data has changed since the run started")
+        raise UserError(f"cannot resume {run}: its training data has changed since the run started "
+                        "(resume it without --data, or with the files it started with, unchanged)")
     steps = total_steps(cfg, len(chat.train))
     if not resume and world.is_main:
         start_run_folder(Path(run), cfg.name, preset_toml)
@@ -134,6 +138,7 @@ def sft(
             peak_flops=peak_flops(world.device, train.peak_tflops),
             evaluate=validation(objective, val, cfg.precision.compute, world),
             trainer_state={"stage": STAGE, "start": str(start), "preset": cfg.name, "total_steps": steps,
+                           "sources": [[s.name, str(s.path), s.weight] for s in data] if data else None,
                            "data_fingerprint": chat.fingerprint},
         )
         result = run_loop(job, start_step, monitor_state)

@@ -125,6 +125,10 @@ def test_chat_files_train_with_reasoning_modes(base, tmp_path, capsys):
     report = json.loads((tmp_path / "run" / "sft.json").read_text())
     assert report["data"]["reasoning_modes"]["off"] == 20 and report["tasks_after"] is None
     assert report["data"]["sources"][0]["name"] == "words"
+    # Resumed without --data, the run goes on with the files it started with (one more step).
+    status, out, err = cli(capsys, "sft", "--resume", "--out", str(tmp_path / "run"), "--set", "sft.train.steps=2")
+    assert status == 0, err
+    assert [r["step"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl")] == [1, 2]
 
 
 def test_dry_run_plans_without_training(base, tmp_path, capsys):
