@@ -6,12 +6,16 @@ Levels:
     3  count_evens(nums)                a loop or a condition
     4  running_total(nums)              a loop that keeps state, or two ideas together (digit sums, primes, vowels)
 
-Scoring runs the last ```python block of the completion, then the tests, then a line that prints a fresh random
-sentinel, in a sandboxed child process (stages.envs.sandbox). It passes only if the process exits 0 and the
-sentinel was printed, so exiting early (sys.exit(0), os._exit(0)) or swallowing the failure cannot pass. Expected
-values come from `solve`, written apart from the reference body, so the reference tests check one against the
-other. A program that deliberately reads the sentinel from its own source, or returns objects that compare equal
-to anything, is not caught.
+Scoring runs the last ```python block of the completion, then the tests, in a sandboxed child process
+(stages.envs.sandbox) under a harness. The harness reads a fresh random nonce from its stdin and closes it before
+the code runs, so the nonce is in no file, command line or environment the code can read, and writes it to stdout,
+through a reference to os.write taken beforehand, only after the last test statement returned. A completion passes
+only if the process exits 0 with the nonce on a line of its own: exiting early (sys.exit(0), os._exit(0)), swallowing
+the failure (sys.excepthook), replacing builtins or AssertionError (an assert raises the real one regardless) and
+printing its own source cannot pass. Expected values come from `solve`, written apart from the reference body, so
+the reference tests check one against the other. Not caught: returning objects that compare equal to anything, and
+code that reaches into the interpreter that runs it (walking the harness's frames or the garbage collector for the
+nonce, a trace function that jumps over the tests, ctypes), which no harness in the same process can stop.
 """
 
 from __future__ import annotations
@@ -285,7 +289,24 @@ def _space(level: int, specs: tuple[Spec, ...]) -> Space:
 SPACES = {level: _space(level, specs) for level, specs in enumerate((LEVEL_1, LEVEL_2, LEVEL_3, LEVEL_4), 1)}
 
 CODE_BLOCK = re.compile(r"```python[ \t]*\n(.*?)```", re.DOTALL)
-MODULE_LINE = re.compile(r"line (\d+), in <module>")
+MODULE_LINE = re.compile(r'File "solution\.py", line (\d+), in <module>')
+HARNESS = """\
+import os
+import sys
+
+
+def main():
+    write = os.write  # the code may replace os.write; this reference stays the harness's
+    nonce = sys.stdin.buffer.read()
+    os.close(0)
+    exec(compile(PROGRAM, "solution.py", "exec"), {"__name__": "__main__"})
+    write(1, b"\\n" + nonce + b"\\n")
+
+
+PROGRAM = %r
+main()
+"""
+"""The program the sandbox runs: the nonce lives in main's frame, not in a module global the code could import."""
 ERROR_CHARS = 160
 """The most of a failure's last stderr line that a reason keeps."""
 
@@ -308,13 +329,13 @@ class CodeTask(GeneratedTask):
         code = last_python_block(completion)
         if code is None:
             return Score(0.0, False, "no python code block", seconds=time.perf_counter() - start)
-        sentinel = f"n3-tests-passed-{secrets.token_hex(16)}"
-        program, test_lines = _program(code, tests, sentinel)
+        nonce = secrets.token_hex(16)
+        program, test_lines = _program(code, tests)
         try:
-            run = self.runner.run(program)
+            run = self.runner.run(HARNESS % program, stdin=nonce.encode())
         except SandboxError as e:
             return Score(0.0, False, str(e), error=True, seconds=time.perf_counter() - start)
-        passed = run.exit_code == 0 and not run.timed_out and sentinel in run.stdout.splitlines()
+        passed = run.exit_code == 0 and not run.timed_out and nonce in run.stdout.splitlines()
         reason = "correct" if passed else self._failure(run, test_lines)
         return Score(float(passed), passed, reason, seconds=time.perf_counter() - start)
 
@@ -329,22 +350,21 @@ class CodeTask(GeneratedTask):
             return f"killed by {signal.Signals(-run.exit_code).name}"
         error = next((line for line in reversed(run.stderr.splitlines()) if line.strip()), f"exit code {run.exit_code}")
         error = error if len(error) <= ERROR_CHARS else error[: ERROR_CHARS - 3] + "..."
-        # The outermost frame of the last traceback is the program's own line that raised.
+        # The outermost frame of the program in the last traceback is its own line that raised.
         frame = MODULE_LINE.search(run.stderr.rsplit("Traceback (most recent call last):", 1)[-1])
         line = int(frame.group(1)) if frame else 0
         failed = next((i for i, (first, last) in enumerate(test_lines, 1) if first <= line <= last), None)
         return f"test {failed} failed: {error}" if failed else error
 
 
-def _program(code: str, tests: list[str], sentinel: str) -> tuple[str, list[tuple[int, int]]]:
-    """The code, then the tests as top-level statements (the code cannot wrap them in a try), then a line that
-    prints the sentinel on a line of its own; also the program lines (first, last) each test spans."""
+def _program(code: str, tests: list[str]) -> tuple[str, list[tuple[int, int]]]:
+    """The code, then the tests as top-level statements (the code cannot wrap them in a try), for the harness to
+    run as solution.py; also the program lines (first, last) each test spans."""
     lines = code.rstrip("\n").split("\n") + ["", ""]
     spans = []
     for test in tests:
         spans.append((len(lines) + 1, len(lines) + 1 + test.count("\n")))
         lines.append(test)
-    lines.append(f"print('\\n{sentinel}')")
     return "\n".join(lines) + "\n", spans
 
 
