@@ -29,6 +29,9 @@ def run(
 ) -> None:
     """Serve a checkpoint over the OpenAI API (/v1/chat/completions, /v1/completions, /v1/models, /health, /metrics).
 
+    A trainer swaps in new weights with POST /update_weights_from_disk (SGLang's route; GET /get_model_info says
+    which version serves).
+
     The preset's serve table sizes the engine: batch, context, MTP speculation, SSM state dtype.
     Ctrl-C (or SIGTERM) stops accepting requests and finishes those in flight.
     """

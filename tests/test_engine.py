@@ -1,7 +1,9 @@
 """The inference engine against the model itself: greedy decoding equals a naive full-forward argmax loop under
 continuous batching and chunked prefill; MTP speculation changes nothing under greedy and keeps the model's
-distribution under sampling; logprobs, stops, seeds, cancellation, reasoning budget, low-precision SSM state."""
+distribution under sampling; logprobs (raw and of the sampling distribution), stops, seeds, cancellation, reasoning
+budget and the tokens it forces, low-precision SSM state, weights reloaded in place."""
 
+import copy
 import math
 import threading
 
@@ -10,10 +12,11 @@ import torch
 
 import model as n3
 from model.cache import HybridCache
-from model.engine import Engine, EngineConfig, PromptTooLong, SamplingParams
+from model.engine import Completion, Engine, EngineConfig, PromptTooLong, SamplingParams
 from model.engine.background import BackgroundEngine
 from model.engine.reasoning import Thinking
 from model.engine.sampling import filtered_probs, sample
+from model.errors import UserError
 from model.mamba2 import Mamba2Mixer
 from tests.test_model import tiny_config
 
@@ -321,14 +324,155 @@ def test_fp16_stochastic_rounding_stays_closer_to_fp32():
 
 def test_compiled_decode_equals_eager(small_vocab):
     """torch.compile'd decode steps (verification keeping per-position Mamba states, then the MTP block) produce the
-    eager tokens. Eight steps of two rows: one batch shape, so two graphs to compile."""
+    eager tokens, and after load_weights the new model's. Eight steps of two rows: one batch shape, so two graphs to
+    compile."""
     prompts = [[1, 2, 3, 4], [5, 0, 2, 2]]
     tokens = []
     for compiled in (False, True):
-        engine = Engine(small_vocab, config=EngineConfig(max_batch=2, max_len=48, speculative_tokens=1, compile=compiled))
+        config = EngineConfig(max_batch=2, max_len=48, speculative_tokens=1, compile=compiled)
+        engine = Engine(copy.deepcopy(small_vocab), config=config)  # a copy: load_weights below writes into it
         ids = [engine.submit(p, SamplingParams(temperature=0, max_tokens=40)) for p in prompts]
         for _ in range(8):
             engine.step()
         tokens.append([engine.requests[i].tokens for i in ids])
     assert tokens[0] == tokens[1]
     assert all(t == naive_greedy(small_vocab, p, len(t)) and len(t) >= 8 for p, t in zip(prompts, tokens[1]))
+    for request_id in ids:  # new weights: the compiled step reads them (parameters are graph inputs)
+        engine.abort(request_id)
+    engine.step()
+    other = random_model(vocab_size=6, scale=5.0, seed=3)
+    engine.load_weights(other.state_dict())
+    greedy = SamplingParams(temperature=0, max_tokens=12)
+    assert [c.token_ids for c in engine.generate(prompts, greedy)] == [naive_greedy(other, p, 12) for p in prompts]
+
+
+def full_forward_logits(model, prompt: list[int], tokens: list[int]) -> torch.Tensor:
+    """The model's logits (n, V) at the positions that produced tokens, from one forward of prompt + tokens."""
+    with torch.no_grad():
+        logits = model(torch.tensor([prompt + tokens]))[0]
+    return logits[len(prompt) - 1 : len(prompt) + len(tokens) - 1]
+
+
+@pytest.mark.parametrize("k", [0, 2])
+def test_processed_logprobs_are_the_sampling_distribution(small_vocab, k):
+    """Each token's processed log-probability is log(filtered_probs) of the full forward at its position, with and
+    without speculation (where the final token of a step may come from the residual, yet the target is reported)."""
+    engine = Engine(small_vocab, config=EngineConfig(max_batch=3, max_len=48, speculative_tokens=k))
+    prompts = [[1, 2, 3], [4, 4, 0, 1, 5, 2, 3], [5, 1]]
+    params = SamplingParams(temperature=0.7, top_k=5, top_p=0.9, max_tokens=24, seed=3, logprobs=2,
+                            logprobs_mode="processed")
+    for prompt, done in zip(prompts, engine.generate(prompts, params)):
+        logits = full_forward_logits(small_vocab, prompt, done.token_ids)
+        expected = filtered_probs(logits[None], torch.tensor([0.7]), torch.tensor([5]), torch.tensor([0.9]))[0].log()
+        got = torch.tensor([lp.logprob for lp in done.logprobs])
+        assert torch.allclose(got, expected.gather(1, torch.tensor(done.token_ids)[:, None])[:, 0], atol=1e-5)
+        assert all(lp.top[0][1] == pytest.approx(expected[i].max().item(), abs=1e-5) for i, lp in enumerate(done.logprobs))
+        assert done.forced == [False] * len(done.token_ids) and done.weights_version == 0
+    if k:
+        assert 0 < sum(engine.stats.accepted) < sum(engine.stats.proposed)  # both branches of the verification ran
+
+
+def test_processed_logprobs_without_filtering_are_the_raw_ones(small_vocab):
+    engine = Engine(small_vocab, config=EngineConfig(max_batch=2, max_len=32))
+    raw, processed = engine.generate([[1, 2, 3]] * 2, [
+        SamplingParams(max_tokens=16, seed=5, logprobs=1, logprobs_mode=mode) for mode in ("raw", "processed")])
+    assert raw.token_ids == processed.token_ids
+    assert [lp.logprob for lp in raw.logprobs] == pytest.approx([lp.logprob for lp in processed.logprobs], abs=1e-6)
+    greedy = SamplingParams(temperature=0, top_p=0.5, max_tokens=8, logprobs=0, logprobs_mode="processed")
+    done = engine.generate([[1, 2, 3]], greedy)[0]  # greedy: the raw distribution, whatever top_p says
+    expected = torch.log_softmax(full_forward_logits(small_vocab, [1, 2, 3], done.token_ids), -1)
+    assert [lp.logprob for lp in done.logprobs] == pytest.approx(
+        expected.gather(1, torch.tensor(done.token_ids)[:, None])[:, 0].tolist(), abs=1e-5)
+    with pytest.raises(ValueError, match="logprobs_mode"):
+        engine.submit([1], SamplingParams(logprobs_mode="processed_logprobs"))
+
+
+@pytest.mark.parametrize("k", [0, 2])
+def test_forced_think_end_is_marked(text_model, k):
+    """forced is True exactly where the budget put `</think>` in place of what the model would have said, and there
+    the processed log-probability is certainty."""
+    model, tokenizer = text_model
+    engine = Engine(model, tokenizer, EngineConfig(max_batch=2, max_len=96, speculative_tokens=k))
+    messages = [{"role": "user", "content": "Where is the sun?"}]
+    free = engine.chat([messages], SamplingParams(temperature=0, max_tokens=30, ignore_eos=True))[0]
+    assert tokenizer.end_think_id not in free.token_ids[:8] and free.forced == [False] * 30
+    for budget, grace in [(0, 0), (4, 3)]:
+        params = SamplingParams(temperature=0, max_tokens=30, max_thinking_tokens=budget, thinking_grace=grace,
+                                ignore_eos=True, logprobs=0, logprobs_mode="processed")
+        done = engine.chat([messages], params)[0]
+        end = done.token_ids.index(tokenizer.end_think_id)
+        assert done.token_ids[:end] == free.token_ids[:end] and budget <= end <= budget + grace
+        assert done.forced == [i == end for i in range(30)]
+        assert done.logprobs[end].logprob == 0 and all(lp.logprob < 0 for lp in done.logprobs[:end])
+    sampled = SamplingParams(max_tokens=20, max_thinking_tokens=2, thinking_grace=0, seed=1, ignore_eos=True)
+    done = engine.chat([messages], sampled)[0]
+    assert done.forced[done.token_ids.index(tokenizer.end_think_id)] and sum(done.forced) == 1
+
+
+def test_load_weights_in_place(small_vocab, tmp_path):
+    """A state dict, then a checkpoint folder: outputs become the new model's, versions count up (or are set), the
+    cache is the same; a checkpoint of another shape, or a load while requests run, is refused with the old
+    weights intact."""
+    engine = Engine(random_model(vocab_size=6, scale=5.0), config=EngineConfig(max_batch=2, max_len=32))
+    cache = engine.cache.layers[0].ssm
+    prompts, greedy = [[1, 2, 3], [5, 0]], SamplingParams(temperature=0, max_tokens=10)
+    before = engine.generate(prompts, greedy)
+    other, third = random_model(vocab_size=6, scale=5.0, seed=1), random_model(vocab_size=6, scale=5.0, seed=2)
+    assert engine.load_weights(other.state_dict()) == 1 == engine.weights_version
+    after = engine.generate(prompts, greedy)
+    assert [c.token_ids for c in after] == [naive_greedy(other, p, 10) for p in prompts] != [c.token_ids for c in before]
+    assert [c.weights_version for c in before + after] == [0, 0, 1, 1] and engine.cache.layers[0].ssm is cache
+    n3.save_pretrained(third, tmp_path / "third")
+    assert engine.load_weights(tmp_path / "third", version=7) == 7
+    assert [c.token_ids for c in engine.generate(prompts, greedy)] == [naive_greedy(third, p, 10) for p in prompts]
+    n3.save_pretrained(random_model(vocab_size=6, hidden_size=16), tmp_path / "narrow")
+    with pytest.raises(UserError, match="hidden_size 32 -> 16"):
+        engine.load_weights(tmp_path / "narrow")
+    with pytest.raises(UserError, match="1 missing"):
+        engine.load_weights({k: v for k, v in third.state_dict().items() if k != "lm_head.weight"})
+    with pytest.raises(UserError, match="does not exist|not a directory"):
+        engine.load_weights(tmp_path / "nowhere")
+    running = engine.submit(prompts[0], greedy)
+    engine.step()
+    with pytest.raises(RuntimeError, match="running"):
+        engine.load_weights(small_vocab.state_dict())
+    assert engine.run([running])[0].token_ids == naive_greedy(third, prompts[0], 10) and engine.weights_version == 7
+
+
+def test_background_reload_waits_for_requests_in_flight(small_vocab):
+    """As SGLang's update_weights_from_disk: a request in flight ends with the old weights, one submitted after the
+    reload runs with the new; a reload that does not fit fails its future and the engine serves on; with abort the
+    requests in flight end at once."""
+    old = random_model(vocab_size=6, scale=5.0, seed=4)
+    expected = naive_greedy(old, [1, 2, 3], 30)  # now: the reload writes into old's own tensors
+    background = BackgroundEngine(Engine(old, config=EngineConfig(max_batch=2, max_len=48))).start()
+    results: dict[str, Completion] = {}
+    finished = threading.Semaphore(0)
+
+    def submit(prompt):
+        deltas = []
+
+        def receive(delta):
+            deltas.append(delta)
+            if delta.finish_reason:
+                results[delta.request_id] = Completion.from_deltas(prompt, deltas, False)
+                finished.release()
+        return background.submit(receive, prompt, SamplingParams(temperature=0, max_tokens=30)).request_id
+
+    first = submit([1, 2, 3])
+    loaded = background.update_weights(small_vocab.state_dict())
+    second = submit([1, 2, 3])
+    assert loaded.result(60) == 1
+    bad = background.update_weights({"lm_head.weight": torch.zeros(6, 32)})
+    with pytest.raises(UserError):
+        bad.result(60)
+    finished.acquire(timeout=60), finished.acquire(timeout=60)
+    assert results[first].token_ids == expected != naive_greedy(small_vocab, [1, 2, 3], 30)
+    assert results[first].weights_version == 0
+    assert results[second].token_ids == naive_greedy(small_vocab, [1, 2, 3], 30)
+    assert results[second].weights_version == 1
+    third = submit([1, 2, 3])
+    assert background.update_weights(old.state_dict(), version=9, abort=True).result(60) == 9
+    finished.acquire(timeout=60)
+    assert results[third].finish_reason == "abort" and len(results[third].token_ids) < 30
+    background.stop()

@@ -39,6 +39,12 @@ class Scripted(Backend):
     def timed(self, prompts, max_tokens, concurrency):
         raise NotImplementedError
 
+    def rollout(self, conversations, max_tokens, n=1, **sampling):
+        raise NotImplementedError("ruler samples nothing")
+
+    def update_weights(self, path):
+        raise NotImplementedError("ruler loads no weights")
+
 
 def last(pattern: str, text: str) -> str:
     return re.findall(pattern, text, flags=re.S)[-1]

@@ -1,13 +1,16 @@
 """`n3 serve` through the official openai client: one server process for the module, answers checked against the
-in-process engine on the same checkpoint; malformed requests; metrics; graceful shutdown; the CLI's errors."""
+in-process engine on the same checkpoint; malformed requests; metrics; graceful shutdown; the CLI's errors. Weight
+reloads against the app served in this process."""
 
 import asyncio
 import json
+import math
 import os
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -72,6 +75,26 @@ def serving(checkpoint: Path, *options: str, env: dict | None = None) -> Iterato
         process.wait(30)
 
 
+@contextmanager
+def serving_in_process(server: Server) -> Iterator[str]:
+    """A Server's app under uvicorn on a thread of this process, once /health says ready: its base URL."""
+    import uvicorn
+
+    port = free_port()
+    http = uvicorn.Server(uvicorn.Config(build_app(server), host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=http.run, name="uvicorn", daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 60
+    while server.status != "ready" or get(url + "/health")[0] != 200:
+        if time.time() > deadline or not thread.is_alive():
+            pytest.fail(f"the in-process server did not become healthy ({server.status}: {server.error})")
+        time.sleep(0.1)
+    yield url
+    http.should_exit = True
+    thread.join(30)
+
+
 @pytest.fixture(scope="module")
 def server(checkpoint):
     options = ["-s", "serve.max_batch=8", "-s", "serve.speculative_tokens=2",
@@ -84,6 +107,17 @@ def server(checkpoint):
 @pytest.fixture(scope="module")
 def client(server):
     return openai.OpenAI(base_url=server[1] + "/v1", api_key="none", max_retries=0)
+
+
+def get(url: str) -> tuple[int, dict | None]:
+    """(status, JSON body); status 0 while nothing listens."""
+    try:
+        with urllib.request.urlopen(url) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read())
+    except (urllib.error.URLError, ConnectionError):
+        return 0, None
 
 
 def post(url: str, body: bytes | dict) -> tuple[int, dict]:
@@ -198,6 +232,12 @@ def test_echo_logprobs_score_the_prompt(client, reference, tokenizer):
     entries = chat.choices[0].logprobs.content
     assert len(entries) == chat.usage.completion_tokens and all(len(e.top_logprobs) == 2 for e in entries)
     assert all(e.logprob == pytest.approx(e.top_logprobs[0].logprob) for e in entries)  # greedy picks the top
+    processed = client.chat.completions.create(model="tiny-chat", messages=MESSAGES, max_tokens=4, logprobs=True,
+                                               top_logprobs=3, seed=1,
+                                               extra_body={"top_k": 2, "logprobs_mode": "processed"})
+    for e in processed.choices[0].logprobs.content:  # top-k 2: two tokens share all the mass, the rest is -inf
+        assert sum(math.exp(t.logprob) for t in e.top_logprobs[:2]) == pytest.approx(1, abs=1e-5)
+        assert e.top_logprobs[2].logprob == -9999.0 and e.logprob > -9999.0
 
 
 def test_32_concurrent_requests(server, reference):
@@ -254,6 +294,7 @@ def test_metrics(client, server):
     assert values["n3_prompt_tokens_total"] > 0 and values["n3_generation_tokens_total"] > 0
     assert values["n3_spec_acceptance_length_mean"] >= 1 and 'n3_spec_draft_acceptance_rate{depth="2"}' in values
     assert values["n3_cache_rows_total"] == 8 and "n3_decode_batch_size_mean" in values
+    assert values["n3_weights_version"] == 0
 
 
 def test_graceful_shutdown_finishes_requests_in_flight(server):
@@ -383,3 +424,51 @@ def test_serves_a_quantized_checkpoint(tmp_path, tokenizer):
     greedy = SamplingParams(temperature=0, max_tokens=6)
     expected = Engine(n3.from_pretrained(tmp_path / "q"), tokenizer).generate(["The sky"], greedy)[0].token_ids
     assert engine.generate(["The sky"], greedy)[0].token_ids == expected and len(expected) == 6
+
+
+def test_weights_reload_round_trip(checkpoint, tmp_path, tokenizer):
+    """POST /update_weights_from_disk on an in-process n3 serve: answers become the new checkpoint's and carry its
+    version, /get_model_info follows; a bad path, a checkpoint of another shape or a bad field is a 400 with
+    SGLang's body, and the loaded weights serve on."""
+    other, narrow = tmp_path / "other", tmp_path / "narrow"
+    n3.save_pretrained(random_model(vocab_size=tokenizer.vocab_size, scale=4.0, seed=1, max_position_embeddings=96),
+                       other)
+    n3.save_pretrained(random_model(vocab_size=tokenizer.vocab_size, hidden_size=16), narrow)
+    config = EngineConfig(max_batch=2, max_len=96)
+    greedy = SamplingParams(temperature=0, max_tokens=12)
+    expected = {path: Engine(n3.from_pretrained(path), tokenizer, config).chat([THINKING], greedy)[0]
+                for path in (checkpoint, other)}
+    assert expected[checkpoint].token_ids != expected[other].token_ids
+    server = Server("tiny-chat", lambda: Engine(n3.from_pretrained(checkpoint), tokenizer, config), checkpoint)
+    chat = {"model": "tiny-chat", "messages": THINKING, "max_tokens": 12, "temperature": 0, "return_token_ids": True}
+
+    def answer(path: Path, version: int) -> None:
+        status, body = post(url + "/v1/chat/completions", chat)
+        assert status == 200 and body["prompt_token_ids"] == expected[path].prompt_token_ids
+        choice = body["choices"][0]
+        assert choice["token_ids"] == expected[path].token_ids and choice["weights_version"] == version
+        assert choice["forced"] == [False] * len(choice["token_ids"])
+        assert get(url + "/get_model_info") == (200, {"model_path": str(path), "is_generation": True,
+                                                      "weights_version": version})
+
+    with serving_in_process(server) as url:
+        answer(checkpoint, 0)
+        status, body = post(url + "/update_weights_from_disk", {"model_path": str(other), "load_format": None})
+        assert (status, body["success"], body["num_paused_requests"], body["weights_version"]) == (200, True, 0, 1)
+        answer(other, 1)
+        for bad, says in [({"model_path": str(tmp_path / "nowhere")}, "not a directory"),
+                          ({"model_path": str(narrow)}, "hidden_size 32 -> 16"),
+                          ({"model_path": str(other), "load_format": "gguf"}, "load_format"),
+                          ({"model_path": str(other), "weight_version": "v2"}, "weight_version"),
+                          ({}, "model_path")]:
+            status, body = post(url + "/update_weights_from_disk", bad)
+            assert status == 400 and body["success"] is False and says in body["message"], body
+        answer(other, 1)
+        status, body = post(url + "/update_weights_from_disk", {"model_path": str(checkpoint), "weight_version": 5})
+        assert status == 200 and body["weights_version"] == 5
+        answer(checkpoint, 5)
+        ids = {"model": "tiny-chat", "prompt": [3, 4, 5], "max_tokens": 4, "temperature": 0, "return_token_ids": True}
+        choice = post(url + "/v1/completions", ids)[1]["choices"][0]
+        assert choice["prompt_token_ids"] == [3, 4, 5] and len(choice["token_ids"]) == 4
+        assert choice["weights_version"] == 5
+        assert post(url + "/v1/completions", ids | {"stream": True})[0] == 400

@@ -16,28 +16,38 @@ and those speculative MTP positions are dropped afterwards (the next step rewrit
 
 With `EngineConfig(compile=True)` the decode-step forwards (backbone, MTP block) run through torch.compile with a
 dynamic batch dimension; prefill stays eager.
+
+`load_weights` swaps in new weights (a trainer's, between rollouts) by copying them into the model's own tensors:
+the caches, their rows and the compiled graphs stay as they are (compiled code reads the parameters when it runs).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import random
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
 from model.cache import HybridCache
+from model.checkpoint import from_pretrained
 from model.engine.params import EngineConfig, SamplingParams
 from model.engine.reasoning import Thinking
-from model.engine.sampling import filtered_probs, greedy_accept, logprobs_of, sample, speculative_accept
+from model.engine.sampling import greedy_accept, logprobs_of, request_logits, sample, speculative_accept
 from model.engine.sequence import Completion, Delta, Sequence
 from model.errors import UserError
 from model.hybrid import NemotronH
 from model.tokenizer import Tokenizer
 
 SSM_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+RELOAD_MAY_CHANGE = ("initializer_range", "rescale_prenorm_residual", "time_step_min", "time_step_max",
+                     "time_step_floor", "max_position_embeddings")
+"""ModelConfig fields a reloaded checkpoint may change: how weights were initialised, and max_position_embeddings
+(NoPE: it bounds caches, which the engine has sized already)."""
 
 
 class PromptTooLong(ValueError):
@@ -88,7 +98,8 @@ class Engine:
 
     Lower level, for a server or a trainer driving many requests: `submit` (returns a request id), `step` (one
     iteration; returns Deltas), `abort`, `has_work`. Prompts are token ids, text (needs a tokenizer) or chat messages
-    (`submit(messages=...)`: the tokenizer's chat template; the chat end token stops).
+    (`submit(messages=...)`: the tokenizer's chat template; the chat end token stops). A trainer swaps in its new
+    weights with `load_weights(checkpoint or state dict)` between steps; `weights_version` counts them.
     Not thread-safe: one thread drives it (model.engine.background runs it for servers).
     """
 
@@ -118,6 +129,8 @@ class Engine:
         self.running: list[Sequence] = []
         self.requests: dict[str, Sequence] = {}
         self.stats = EngineStats(proposed=[0] * self.k, accepted=[0] * self.k)
+        self.weights_version = 0
+        """Which weights generate: 0 for those the engine started with, then as load_weights sets it."""
         self._seeds = random.Random(config.seed)
         self._ids = itertools.count()
         self._newline: dict[int, bool] = {}
@@ -210,6 +223,38 @@ class Engine:
     def has_work(self) -> bool:
         return bool(self.requests)
 
+    # --- weights ----------------------------------------------------------------------------------------------------
+    def read_weights(self, path: str | Path) -> dict[str, torch.Tensor]:
+        """The tensors of a checkpoint folder (HF format, as n3 writes it; quantized ones decoded) on the CPU, checked
+        to fit this engine's model, for `load_weights`. Safe from another thread. UserError for a checkpoint that
+        cannot be read or whose config differs from the model's (beyond RELOAD_MAY_CHANGE)."""
+        loaded = from_pretrained(path)
+        old, new = dataclasses.asdict(self.model.config), dataclasses.asdict(loaded.config)
+        changed = [f"{k} {old[k]!r} -> {new[k]!r}" for k in old if old[k] != new[k] and k not in RELOAD_MAY_CHANGE]
+        if changed:
+            raise UserError(f"{path} does not fit the model being served: {', '.join(changed)}")
+        return loaded.state_dict()
+
+    def load_weights(self, source: str | Path | Mapping[str, torch.Tensor], version: int | None = None) -> int:
+        """Replace the model's weights in place with a checkpoint folder's (see read_weights) or a state dict's (the
+        model's own keys and shapes, any dtype or device), and set weights_version to `version` (default: one more).
+        Returns the new version. Runs between steps with no request running (RuntimeError otherwise: finish or abort
+        them first; requests still waiting for a row start with the new weights). A source that does not fit raises
+        UserError before anything is copied: the old weights stay."""
+        if self.running:
+            raise RuntimeError(f"{len(self.running)} requests are running; let them finish or abort them before "
+                               "loading weights")
+        state = self.read_weights(source) if isinstance(source, (str, Path)) else source
+        target = self.model.state_dict()  # views of the parameters and buffers themselves
+        problems = _misfits(target, state)
+        if problems:
+            raise UserError(f"the weights do not fit the model: {'; '.join(problems)}")
+        with torch.no_grad():
+            for key, tensor in target.items():
+                tensor.copy_(state[key])  # in place: the compiled graphs read these very tensors
+        self.weights_version = self.weights_version + 1 if version is None else version
+        return self.weights_version
+
     def cache_usage(self) -> dict[str, float]:
         """rows, rows_in_use, token_fraction (positions holding tokens / positions), bytes (KV, states, MTP cache)."""
         rows = len(self.cache.lengths)
@@ -245,6 +290,7 @@ class Engine:
             self.running.append(seq)  # only to hand out its last delta
         while self.waiting and self.cache.free:
             seq = self.waiting.popleft()
+            seq.weights_version = self.weights_version
             seq.slot = self.cache.take()
             if self.mtp_cache is not None:
                 self.mtp_cache.reset(seq.slot)
@@ -414,10 +460,7 @@ class Engine:
         return accepted.tolist(), final.tolist()
 
     def _filtered(self, seqs: list[Sequence], logits: torch.Tensor) -> torch.Tensor:
-        settings = torch.tensor(
-            [(s.params.temperature or 1.0, s.params.top_k, s.params.top_p) for s in seqs], device=self.device
-        )
-        return filtered_probs(logits, settings[:, 0], settings[:, 1].long(), settings[:, 2])
+        return request_logits(logits, [s.params for s in seqs]).softmax(-1)
 
     def _uniforms(self, seqs: list[Sequence], n: int) -> torch.Tensor:
         """(b, n) uniforms, each row from its request's own generator (so a seed fixes a request's samples)."""
@@ -483,3 +526,13 @@ class Engine:
             scored = completion.prompt_logprobs[len(context) :]
             results.append((sum(t.logprob for t in scored), all(t.top[0][0] == t.token_id for t in scored)))
         return results
+
+
+def _misfits(target: Mapping[str, torch.Tensor], state: Mapping[str, torch.Tensor]) -> list[str]:
+    """What keeps `state` from loading into `target`: missing and unexpected keys, other shapes (a few of each)."""
+    missing, unexpected = sorted(set(target) - set(state)), sorted(set(state) - set(target))
+    shapes = [f"{k} is {tuple(state[k].shape)}, not {tuple(t.shape)}"
+              for k, t in target.items() if k in state and state[k].shape != t.shape]
+    named = {"missing": missing, "unexpected": unexpected, "other shapes": shapes}
+    return [f"{len(items)} {kind} ({', '.join(items[:3])}{', ...' if len(items) > 3 else ''})"
+            for kind, items in named.items() if items]

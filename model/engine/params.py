@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+LOGPROBS_MODES = ("raw", "processed")
+
 
 @dataclass
 class SamplingParams:
@@ -26,10 +28,16 @@ class SamplingParams:
     ignore_eos: bool = False
     """Do not stop at the tokenizer's eos (or the chat end token)."""
     logprobs: int | None = None
-    """None: no logprobs; N >= 0: each generated token's log-probability and the N most likely alternatives.
-    Log-probabilities are the model's own (log-softmax of the raw logits, before temperature / top-k / top-p)."""
+    """None: no logprobs; N >= 0: each generated token's log-probability and the N most likely alternatives, under
+    the distribution logprobs_mode names."""
+    logprobs_mode: str = "raw"
+    """"raw": the model's own log-softmax, before temperature / top-k / top-p. "processed": the distribution each
+    token was drawn from (vLLM's processed_logprobs): logits divided by the temperature, -inf outside top-k and top-p;
+    for a speculative step, the target's at each emitted position (what rejection sampling reproduces); for a token
+    the thinking budget forced, certainty (log-probability 0). Greedy requests (temperature 0 or top_k 1) report the
+    raw distribution, as vLLM does: the one they draw from is a point mass at the argmax."""
     prompt_logprobs: int | None = None
-    """As logprobs, for every prompt token after the first: what log-likelihood scoring needs."""
+    """As logprobs, for every prompt token after the first: what log-likelihood scoring needs. Always raw."""
     max_thinking_tokens: int | None = None
     """Reasoning budget: after this many reasoning tokens the thought ends at the next newline (see thinking_grace)."""
     thinking_grace: int = 64
@@ -46,6 +54,8 @@ class SamplingParams:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.top_k < 0:
             raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+        if self.logprobs_mode not in LOGPROBS_MODES:
+            raise ValueError(f"logprobs_mode must be {' or '.join(map(repr, LOGPROBS_MODES))}, got {self.logprobs_mode!r}")
         for name in ("logprobs", "prompt_logprobs"):
             value = getattr(self, name)
             if value is not None and not 0 <= value <= vocab_size:

@@ -1,5 +1,5 @@
 """The sampler: logits -> the distribution a request samples from, draws by inverse CDF from per-request uniforms,
-speculative acceptance (rejection sampling), and log-probabilities.
+speculative acceptance (rejection sampling), and log-probabilities (of the raw or of the sampling distribution).
 
 Greedy rows take the argmax. Sampled rows: logits / temperature, then top-k, then top-p, then softmax. Speculative
 verification follows Leviathan et al. (arXiv 2211.17192): draft j is accepted with probability min(1, q(x)/p(x));
@@ -15,6 +15,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from kernels.logprobs import filtered_logits
+from model.engine.params import SamplingParams
+
 
 @dataclass
 class TokenLogprob:
@@ -28,20 +31,15 @@ class TokenLogprob:
 def filtered_probs(
     logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor
 ) -> torch.Tensor:
-    """logits (b, ..., V); temperature, top_k (0: off), top_p (b,). The sampling distribution, fp32 (b, ..., V)."""
-    shape = (-1,) + (1,) * (logits.dim() - 1)
-    logits = logits.float() / temperature.view(shape)
-    if bool((top_k > 0).any()) or bool((top_p < 1).any()):
-        ordered, order = logits.sort(dim=-1, descending=True)
-        rank = torch.arange(logits.shape[-1], device=logits.device)
-        k = top_k.view(shape)
-        drop = (k > 0) & (rank >= k)
-        ordered = ordered.masked_fill(drop, float("-inf"))
-        probs = ordered.softmax(-1)
-        drop = (probs.cumsum(-1) - probs) >= top_p.view(shape)  # the mass before a token already reaches top_p
-        ordered = ordered.masked_fill(drop, float("-inf"))
-        logits = torch.empty_like(logits).scatter_(-1, order, ordered)
-    return logits.softmax(-1)
+    """As filtered_logits: the sampling distribution itself, fp32 (b, ..., V)."""
+    return filtered_logits(logits, temperature, top_k, top_p).softmax(-1)
+
+
+def request_logits(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+    """filtered_logits of logits (b, ..., V) with row i's settings from params[i] (temperature 0 reads as 1: greedy
+    rows take the argmax, which no temperature moves)."""
+    settings = torch.tensor([(p.temperature or 1.0, p.top_k, p.top_p) for p in params], device=logits.device)
+    return filtered_logits(logits, settings[:, 0], settings[:, 1].long(), settings[:, 2])
 
 
 def sample(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from model.engine.params import SamplingParams
 from model.engine.reasoning import Thinking
-from model.engine.sampling import TokenLogprob, logprobs_of
+from model.engine.sampling import TokenLogprob, logprobs_of, request_logits
 from model.engine.text import IncrementalText, find_stop
 from model.tokenizer import Tokenizer
 
@@ -29,6 +29,11 @@ class Delta:
     """On the last delta: "stop" (stop token or string), "length" (max_tokens) or "abort"."""
     prompt_logprobs: list[TokenLogprob | None] | None = None
     """On the first delta, when asked: one entry per prompt token, None for the first."""
+    forced: list[bool] = field(default_factory=list)
+    """Per token of token_ids: the engine chose it (a `</think>` at the thinking budget) rather than the sampler."""
+    weights_version: int | None = None
+    """The version of the weights generating the request (Engine.weights_version when it started; a reload waits
+    for running requests)."""
 
 
 @dataclass
@@ -46,6 +51,11 @@ class Completion:
     """The stop token id or stop string that ended the request, if one did."""
     logprobs: list[TokenLogprob] | None
     prompt_logprobs: list[TokenLogprob | None] | None
+    forced: list[bool]
+    """Per generated token: forced by the engine (a `</think>` at the thinking budget), not sampled; a trainer
+    leaves these out of the policy loss."""
+    weights_version: int | None
+    """The weights version the tokens were generated with (None only for a request aborted before it started)."""
 
     @classmethod
     def from_deltas(cls, prompt: list[int], deltas: list[Delta], reasoning: bool) -> Completion:
@@ -62,6 +72,8 @@ class Completion:
             stop_reason=None,
             logprobs=logprobs,
             prompt_logprobs=next((d.prompt_logprobs for d in deltas if d.prompt_logprobs is not None), None),
+            forced=[f for d in deltas for f in d.forced],
+            weights_version=deltas[-1].weights_version,
         )
 
 
@@ -89,6 +101,9 @@ class Sequence:
         self.slot: int | None = None
         self.prefilled = 0
         self.tokens: list[int] = []
+        self.forced: list[bool] = []
+        self.weights_version: int | None = None
+        """Set when the engine admits the request."""
         self.drafts: list[int] = []
         self.draft_probs: torch.Tensor | None = None  # (k, V) for sampled requests
         self.logprobs: list[TokenLogprob] | None = [] if params.logprobs is not None else None
@@ -118,18 +133,30 @@ class Sequence:
         from the replaced one). Returns how many tokens were kept."""
         kept = 0
         for token in tokens:
-            replaced = False
-            if self.thinking is not None and self.thinking.force_end:
-                replaced = token != self.thinking.end_id
-                token = self.thinking.end_id
-            self._add(token)
+            # Forced whatever the sampler drew, even the same token: the budget, not the draw, decided it.
+            force = self.thinking is not None and self.thinking.force_end
+            replaced = force and token != self.thinking.end_id
+            self.forced.append(force)
+            self._add(self.thinking.end_id if force else token)
             kept += 1
             if self.finish_reason is not None or replaced:
                 break
         if self.logprobs is not None:
             new = torch.tensor(self.tokens[-kept:], device=logits.device)
-            self.logprobs += logprobs_of(logits[:kept], new, self.params.logprobs)
+            self.logprobs += logprobs_of(self._reported(logits[:kept], self.forced[-kept:]), new, self.params.logprobs)
         return kept
+
+    def _reported(self, logits: torch.Tensor, forced: list[bool]) -> torch.Tensor:
+        """Logits (n, V) whose log-softmax the logprobs report, per SamplingParams.logprobs_mode."""
+        if self.params.logprobs_mode == "raw":
+            return logits
+        if not self.params.greedy:
+            logits = request_logits(logits[None], [self.params])[0]
+        if any(forced):
+            certain = torch.full_like(logits, float("-inf"))
+            certain[:, self.thinking.end_id] = 0
+            logits = torch.where(torch.tensor(forced, device=logits.device)[:, None], certain, logits)
+        return logits
 
     def _add(self, token: int) -> None:
         self.tokens.append(token)
@@ -174,7 +201,7 @@ class Sequence:
             visible = len(full) if self.finish_reason is not None else max(len(full) - self.hold, self.shown[channel])
             texts[channel] = full[self.shown[channel] : visible]
             self.shown[channel] = visible
-        tokens = self.tokens[self.shown_tokens :]
+        tokens, forced = self.tokens[self.shown_tokens :], self.forced[self.shown_tokens :]
         prompt_logprobs = None
         if self.prompt_logprobs is not None and not self.shown_prompt_logprobs and self.decoding_or_done:
             prompt_logprobs, self.shown_prompt_logprobs = self.prompt_logprobs, True
@@ -185,7 +212,8 @@ class Sequence:
         if self.logprobs is not None:
             logprobs, self.shown_logprobs = self.logprobs[self.shown_logprobs :], len(self.logprobs)
         return Delta(
-            self.request_id, tokens, texts["text"], texts["reasoning"], logprobs, self.finish_reason, prompt_logprobs
+            self.request_id, tokens, texts["text"], texts["reasoning"], logprobs, self.finish_reason, prompt_logprobs,
+            forced, self.weights_version,
         )
 
     @property
@@ -204,4 +232,6 @@ class Sequence:
             stop_reason=self.stop_reason,
             logprobs=self.logprobs,
             prompt_logprobs=self.prompt_logprobs,
+            forced=list(self.forced),
+            weights_version=self.weights_version,
         )

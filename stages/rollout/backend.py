@@ -6,11 +6,18 @@
 
 Prompts cross the interface as token ids, encoded here with the model's tokenizer: lengths are exact, and both
 backends see the same input. `encode` prepends the tokenizer's bos token when it has one, as n3 stores documents.
-Conversations (`chat`) go through the model's own chat template: the engine's tokenizer in-process, the server's.
+Conversations (`chat`, `rollout`) go through the model's own chat template: the engine's tokenizer in-process, the
+server's.
+
+For RL: `rollout` samples n replies per conversation with what a policy-gradient trainer needs (token ids, their
+log-probabilities under the sampling distribution, which tokens the engine forced, the weights version), and
+`update_weights` loads the trainer's newest checkpoint into the model that generates. With a seed, both backends draw
+the same samples (rollout_seed).
 """
 
 from __future__ import annotations
 
+import random
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable
@@ -41,6 +48,33 @@ class Reply:
     tokens: int
     """Tokens generated, reasoning included."""
     finish_reason: str
+
+
+@dataclass
+class Rollout:
+    """One sampled reply to a conversation, with what a policy-gradient trainer needs."""
+
+    prompt_ids: list[int]
+    """The rendered conversation (chat template, with the generation prompt)."""
+    token_ids: list[int]
+    """Generated tokens, the stop/end token included."""
+    logprobs: list[float]
+    """Per generated token, under the sampling distribution (logprobs_mode="processed")."""
+    forced: list[bool]
+    """Per generated token: forced by the engine (a </think> at the thinking budget), not sampled."""
+    content: str
+    """The answer text after the reasoning."""
+    reasoning: str | None
+    finish_reason: str
+    """"stop" | "length"."""
+    weights_version: int
+
+
+def rollout_seed(seed: int, conversation: int) -> int:
+    """The seed of sample 0 of a conversation in a seeded rollout call; sample j takes this + j, as n3 serve seeds
+    the n choices of one request, so that both backends draw the same samples whatever the batch. A hash (of the
+    string, stable across processes) keeps the conversations' seed ranges apart."""
+    return random.Random(f"{seed}/{conversation}").getrandbits(62)
 
 
 @dataclass
@@ -87,6 +121,17 @@ class Backend(ABC):
     def timed(self, prompts: list[list[int]], max_tokens: int, concurrency: int) -> list[Timing]:
         """Complete every prompt to exactly max_tokens (eos ignored), keeping `concurrency` requests in flight."""
 
+    @abstractmethod
+    def rollout(self, conversations: list[list[dict]], max_tokens: int, n: int = 1, temperature: float = 1.0,
+                top_p: float = 1.0, top_k: int = 0, max_thinking_tokens: int | None = None,
+                seed: int | None = None, **template_kwargs) -> list[list[Rollout]]:
+        """n samples of each conversation (outer list: conversations, inner: samples), all submitted at once so the
+        engine batches them continuously."""
+
+    @abstractmethod
+    def update_weights(self, path: Path) -> int:
+        """Load the checkpoint at `path` into the model that generates; returns the new weights version."""
+
 
 class EngineBackend(Backend):
     def __init__(self, engine, description: str):
@@ -130,6 +175,23 @@ class EngineBackend(Backend):
         params = SamplingParams(max_tokens=0, prompt_logprobs=1)
         done = self._run(sequences, [params] * len(sequences))
         return [[TokenScore(lp.logprob, lp.top[0][0] == lp.token_id) for lp in c.prompt_logprobs[1:]] for c in done]
+
+    def rollout(self, conversations, max_tokens, n=1, temperature=1.0, top_p=1.0, top_k=0, max_thinking_tokens=None,
+                seed=None, **template_kwargs):
+        from model.engine import SamplingParams
+
+        params = [SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+                                 seed=None if seed is None else rollout_seed(seed, i) + j, logprobs=0,
+                                 logprobs_mode="processed", max_thinking_tokens=max_thinking_tokens)
+                  for i in range(len(conversations)) for j in range(n)]
+        done = self._run(None, params, messages=[m for m in conversations for _ in range(n)],
+                         template_kwargs=template_kwargs)
+        rollouts = [Rollout(c.prompt_token_ids, c.token_ids, [lp.logprob for lp in c.logprobs], c.forced, c.text,
+                            c.reasoning, c.finish_reason, c.weights_version) for c in done]
+        return [rollouts[i : i + n] for i in range(0, len(rollouts), n)]
+
+    def update_weights(self, path):
+        return self.engine.load_weights(path)
 
     def timed(self, prompts, max_tokens, concurrency):
         from model.engine import SamplingParams

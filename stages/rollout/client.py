@@ -1,5 +1,7 @@
 """EndpointBackend: any OpenAI-compatible server (n3 serve, vLLM, SGLang) through /v1/completions, with prompts
 sent as token ids, and /v1/chat/completions for conversations (with `chat_template_kwargs`, as vLLM takes them).
+Rollouts need n3 serve's extensions (`logprobs_mode`, `return_token_ids` with forced and weights_version; see
+stages.serve.protocol) and its SGLang-style POST /update_weights_from_disk.
 Requests run on `concurrency` threads; errors the server answers become one-line UserErrors that quote it."""
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from pathlib import Path
 
 from model.errors import UserError
 from model.tokenizer import Tokenizer
-from stages.rollout.backend import Backend, Reply, Timing, TokenScore
+from stages.rollout.backend import Backend, Reply, Rollout, Timing, TokenScore, rollout_seed
 
 
 class EndpointBackend(Backend):
@@ -81,20 +83,56 @@ class EndpointBackend(Backend):
 
         return self._map(one, list(zip(prompts, limits)))
 
+    def _chat(self, messages: list[dict], max_tokens: int, temperature: float, template_kwargs: dict,
+              extra: dict | None = None) -> dict:
+        """The answer of /v1/chat/completions to one conversation, with `extra` request fields."""
+        body = {"model": self.model, "messages": messages, "max_tokens": max_tokens, "temperature": temperature}
+        answer = self._request("POST", "/v1/chat/completions",
+                               body | ({"chat_template_kwargs": template_kwargs} if template_kwargs else {})
+                               | (extra or {}))
+        if not answer.get("choices"):
+            raise UserError(f"{self.base}/v1/chat/completions answered without choices")
+        return answer
+
     def chat(self, conversations, max_tokens, temperature=0.0, **template_kwargs):
         def one(messages: list[dict]) -> Reply:
-            body = {"model": self.model, "messages": messages, "max_tokens": max_tokens, "temperature": temperature}
-            answer = self._request("POST", "/v1/chat/completions",
-                                   body | ({"chat_template_kwargs": template_kwargs} if template_kwargs else {}))
-            if not answer.get("choices"):
-                raise UserError(f"{self.base}/v1/chat/completions answered without choices")
+            answer = self._chat(messages, max_tokens, temperature, template_kwargs)
             choice, usage = answer["choices"][0], answer.get("usage") or {}
-            message = choice.get("message") or {}
-            reasoning = message.get("reasoning_content", message.get("reasoning"))
-            return Reply(message.get("content") or "", reasoning, usage.get("completion_tokens", 0),
-                         choice.get("finish_reason") or "stop")
+            content, reasoning = _message_text(choice)
+            return Reply(content, reasoning, usage.get("completion_tokens", 0), choice.get("finish_reason") or "stop")
 
         return self._map(one, conversations)
+
+    def rollout(self, conversations, max_tokens, n=1, temperature=1.0, top_p=1.0, top_k=0, max_thinking_tokens=None,
+                seed=None, **template_kwargs):
+        extra = {"n": n, "top_p": top_p, "top_k": top_k, "max_thinking_tokens": max_thinking_tokens,
+                 "logprobs": True, "logprobs_mode": "processed", "return_token_ids": True}
+
+        def one(item: tuple[int, list[dict]]) -> list[Rollout]:
+            i, messages = item
+            answer = self._chat(messages, max_tokens, temperature, template_kwargs,
+                                extra | {"seed": None if seed is None else rollout_seed(seed, i)})
+            return [self._rollout(answer, choice) for choice in sorted(answer["choices"], key=lambda c: c["index"])]
+
+        return self._map(one, list(enumerate(conversations)))
+
+    def _rollout(self, answer: dict, choice: dict) -> Rollout:
+        fields = [answer.get("prompt_token_ids"), *(choice.get(k) for k in ("token_ids", "forced", "weights_version")),
+                  (choice.get("logprobs") or {}).get("content")]
+        if any(f is None for f in fields):
+            raise UserError(f"{self.base} did not return token ids, forced tokens, weights version and log-probabilities "
+                            "(return_token_ids, logprobs): rollouts need n3 serve")
+        prompt_ids, token_ids, forced, version, logprobs = fields
+        content, reasoning = _message_text(choice)
+        return Rollout(prompt_ids, token_ids, [e["logprob"] for e in logprobs], forced, content, reasoning,
+                       choice.get("finish_reason") or "stop", version)
+
+    def update_weights(self, path):
+        # The server reads the path: absolute, so that one on this machine names the same folder there.
+        answer = self._request("POST", "/update_weights_from_disk", {"model_path": str(Path(path).absolute())})
+        if "weights_version" not in answer:
+            raise UserError(f"{self.base} reloaded {path} without saying its weights version (n3 serve does)")
+        return answer["weights_version"]
 
     def score(self, sequences):
         def one(ids: list[int]) -> list[TokenScore]:
@@ -135,9 +173,16 @@ class EndpointBackend(Backend):
             return list(pool.map(one, prompts))
 
 
+def _message_text(choice: dict) -> tuple[str, str | None]:
+    """A chat choice's answer and reasoning (vLLM and n3 serve say reasoning_content, newer servers reasoning)."""
+    message = choice.get("message") or {}
+    return message.get("content") or "", message.get("reasoning_content", message.get("reasoning"))
+
+
 def _error_message(err: urllib.error.HTTPError) -> str:
     raw = err.read()
     try:
-        return json.loads(raw)["error"]["message"]
+        body = json.loads(raw)
+        return body["error"]["message"] if "error" in body else body["message"]  # OpenAI's form, or SGLang's
     except (json.JSONDecodeError, KeyError, TypeError):
         return raw.decode(errors="replace").strip()[:200] or err.reason

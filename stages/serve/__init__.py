@@ -77,7 +77,7 @@ def serve(plan: ServePlan, host: str, port: int, log_level: str = "info") -> Non
 
     from stages.serve.app import Server, build_app
 
-    server = Server(plan.model_name, plan.load)
+    server = Server(plan.model_name, plan.load, plan.checkpoint)
     http = uvicorn.Server(uvicorn.Config(build_app(server), host=host, port=port, log_level=log_level))
 
     def stop_http() -> None:

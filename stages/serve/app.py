@@ -1,4 +1,5 @@
-"""The HTTP application: OpenAI-compatible routes over a BackgroundEngine, plus /health and /metrics.
+"""The HTTP application: OpenAI-compatible routes over a BackgroundEngine, plus /health, /metrics and SGLang's weight
+reload routes (/update_weights_from_disk, /get_model_info; see stages.serve.protocol).
 
 The model loads on a thread after the server starts, so /health answers 503 until it is ready. Handlers bridge the
 engine thread to asyncio: each request's Deltas arrive on an asyncio queue.
@@ -13,6 +14,7 @@ import time
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -23,6 +25,7 @@ from starlette.routing import Route
 
 from model.engine import Completion, Delta, Engine, PromptTooLong
 from model.engine.background import BackgroundEngine
+from model.errors import UserError
 from stages.serve import protocol
 from stages.serve.metrics import render_metrics
 from stages.serve.protocol import APIError
@@ -31,9 +34,11 @@ from stages.serve.protocol import APIError
 class Server:
     """What the handlers share: the engine once loaded, the tokenizer, request counters."""
 
-    def __init__(self, model_name: str, load: Callable[[], Engine]):
+    def __init__(self, model_name: str, load: Callable[[], Engine], model_path: Path | None = None):
         self.model_name = model_name
         self._load = load
+        self.model_path = model_path
+        """The checkpoint whose weights serve: the one loaded at start, then the last one reloaded."""
         self.engine: BackgroundEngine | None = None
         self.token_text: protocol.TokenText | None = None
         self.status = "loading"
@@ -127,8 +132,8 @@ def build_app(server: Server) -> Starlette:
         if req.stream:
             return _stream(_chat_chunks(server, req, queue, submitted, response_id), server, submitted)
         completions = await _collect(queue, submitted)
-        return JSONResponse(protocol.chat_response(response_id, server.model_name, completions, server.token_text,
-                                                   req.logprobs))
+        return JSONResponse(protocol.chat_response(response_id, server.model_name, completions, req,
+                                                   server.token_text))
 
     async def completions(request: Request) -> Response:
         req = protocol.parse_completion(await _json(request), server.model_name)
@@ -149,6 +154,27 @@ def build_app(server: Server) -> Starlette:
             "model": server.model_name, "choices": choices,
             "usage": protocol.usage(prompt_tokens, sum(len(c.token_ids) for c in done)),
         })
+
+    async def update_weights(request: Request) -> Response:
+        """SGLang's contract: HTTP 400 with {"success": false, "message"} for anything that does not load."""
+        try:
+            req = protocol.parse_update_weights(await _json(request))
+            engine = server.ready()
+            loading = await asyncio.to_thread(engine.update_weights, Path(req.model_path), req.weight_version,
+                                              req.abort_all_requests)  # reads and checks the checkpoint
+            version = await asyncio.wrap_future(loading)  # once the requests in flight are done and it is copied
+        except APIError as err:
+            return JSONResponse({"success": False, "message": err.message}, status_code=err.status)
+        except (UserError, RuntimeError) as err:
+            return JSONResponse({"success": False, "message": str(err)}, status_code=400)
+        server.model_path = Path(req.model_path)
+        return JSONResponse({"success": True, "message": f"Succeeded to update model weights (version {version}).",
+                             "num_paused_requests": 0, "weights_version": version})
+
+    async def model_info(_: Request) -> Response:
+        engine = server.ready().engine
+        return JSONResponse({"model_path": str(server.model_path) if server.model_path else server.model_name,
+                             "is_generation": True, "weights_version": engine.weights_version})
 
     async def api_error(request: Request, err: APIError) -> Response:
         return JSONResponse(err.body(), status_code=err.status)
@@ -173,6 +199,8 @@ def build_app(server: Server) -> Starlette:
         Route("/v1/models", models, methods=["GET"]),
         Route("/v1/chat/completions", chat, methods=["POST"]),
         Route("/v1/completions", completions, methods=["POST"]),
+        Route("/update_weights_from_disk", update_weights, methods=["POST"]),
+        Route("/get_model_info", model_info, methods=["GET"]),
     ]
     return Starlette(
         routes=routes,

@@ -22,6 +22,8 @@ def render_metrics(responses: Counter, engine: Engine | None, status: str) -> st
     stats = engine.stats
     metric("requests_finished_total", "counter", "Engine requests finished, by finish reason.",
            [(f'{{reason="{reason}"}}', n) for reason, n in sorted(stats.finished.items())])
+    metric("weights_version", "gauge", "The version of the weights serving (0 until a reload).",
+           [("", engine.weights_version)])
     metric("requests_running", "gauge", "Requests holding a cache row.", [("", len(engine.running))])
     metric("requests_waiting", "gauge", "Requests queued for a cache row.", [("", len(engine.waiting))])
     metric("prompt_tokens_total", "counter", "Prompt tokens prefilled.", [("", stats.prompt_tokens)])

@@ -3,6 +3,22 @@ response bodies and stream chunks, and errors as `{"error": {"message", "type", 
 
 Fields beyond OpenAI's, as vLLM accepts them: top_k, stop_token_ids, ignore_eos, skip_special_tokens, and
 max_thinking_tokens / thinking_grace (reasoning budget). Unknown fields are ignored, as OpenAI does.
+
+What RL rollouts need (chat and completions, not with stream):
+- `logprobs_mode`: "raw" (default: the model's log-softmax) or "processed" (the distribution each token was sampled
+  from, after temperature, top-k and top-p; what vLLM's server-wide --logprobs-mode processed_logprobs gives). A
+  filtered-out alternative's -inf is written -9999.0, as vLLM writes it.
+- `return_token_ids` (vLLM's): the prompt's token ids (`prompt_token_ids`, on the chat response, on each completions
+  choice) and each choice's generated `token_ids`; n3 adds per choice `forced` (per token: the engine forced it, a
+  `</think>` at the thinking budget, rather than sampling it) and `weights_version` (the weights that generated it).
+- `seed` with n > 1: choice i is seeded with seed + i.
+
+Weight reloads (SGLang's contract): `POST /update_weights_from_disk` with {"model_path", "load_format": null | "auto"
+| "safetensors", "abort_all_requests": false, "weight_version": null | int} answers {"success": true, "message",
+"num_paused_requests": 0, "weights_version"} or, with HTTP 400, {"success": false, "message"} (the old weights still
+serve). As in SGLang, requests in flight finish with the old weights first (abort_all_requests: they end with
+"abort"), and requests arriving meanwhile wait for the new ones. `GET /get_model_info` answers {"model_path",
+"is_generation": true, "weights_version"}; /metrics has n3_weights_version.
 """
 
 from __future__ import annotations
@@ -18,6 +34,9 @@ from stages.chat.rows import RowError, parse_messages
 
 MAX_N = 128
 MAX_TOP_LOGPROBS = 20
+LOWEST_LOGPROB = -9999.0
+"""What JSON gets for a log-probability of -inf (vLLM's value): JSON has no infinity."""
+LOAD_FORMATS = (None, "auto", "safetensors")
 
 
 class APIError(Exception):
@@ -81,6 +100,7 @@ class Common:
     n: int
     stream: bool
     include_usage: bool
+    return_token_ids: bool
     params: SamplingParams
 
 
@@ -105,6 +125,9 @@ def _common(body: dict, served: str, max_tokens_key: tuple[str, ...], default_ma
     if options is not None and not stream:
         raise invalid("stream_options", "'stream_options' is only allowed when 'stream' is true")
     include_usage = bool((options or {}).get("include_usage", False))
+    return_token_ids = _field(body, "return_token_ids", bool, False)
+    if return_token_ids and stream:
+        raise invalid("return_token_ids", "'return_token_ids' is not supported with 'stream'")
     n = _in_range(body, "n", _field(body, "n", int, 1), 1, MAX_N)
     params = SamplingParams(
         max_tokens=max_tokens,
@@ -118,12 +141,13 @@ def _common(body: dict, served: str, max_tokens_key: tuple[str, ...], default_ma
         skip_special_tokens=_field(body, "skip_special_tokens", bool, True),
         max_thinking_tokens=_field(body, "max_thinking_tokens", int),
         thinking_grace=_field(body, "thinking_grace", int, SamplingParams.thinking_grace),
+        logprobs_mode=_field(body, "logprobs_mode", str, SamplingParams.logprobs_mode),
     )
     if not 0 < params.top_p <= 1:
         raise invalid("top_p", f"'top_p' must be in (0, 1], got {params.top_p}")
     if not all(isinstance(t, int) and not isinstance(t, bool) for t in params.stop_token_ids):
         raise invalid("stop_token_ids", "'stop_token_ids' must be an array of integers")
-    return Common(model, n, stream, include_usage, params)
+    return Common(model, n, stream, include_usage, return_token_ids, params)
 
 
 def choice_params(params: SamplingParams, index: int) -> SamplingParams:
@@ -212,6 +236,30 @@ def parse_completion(body: dict, served: str) -> CompletionRequest:
     return CompletionRequest(**vars(common), prompts=prompts, echo=echo, logprobs=logprobs)
 
 
+# --- weight reloads -------------------------------------------------------------------------------------------------
+@dataclass
+class UpdateWeightsRequest:
+    """POST /update_weights_from_disk, as SGLang takes it (weight_version an integer here)."""
+
+    model_path: str
+    abort_all_requests: bool
+    """Abort the requests in flight rather than let them finish with the old weights."""
+    weight_version: int | None
+    """The version the new weights are known by; None: the current one + 1."""
+
+
+def parse_update_weights(body: dict) -> UpdateWeightsRequest:
+    if not isinstance(body, dict):
+        raise APIError(400, "the request body must be a JSON object")
+    path = _field(body, "model_path", str, required=True)
+    load_format = _field(body, "load_format", str)
+    if load_format not in LOAD_FORMATS:
+        raise invalid("load_format", f"'load_format' {load_format!r}: this server loads safetensors checkpoints "
+                                     "(leave it null, 'auto' or 'safetensors')")
+    return UpdateWeightsRequest(path, _field(body, "abort_all_requests", bool, False),
+                                _field(body, "weight_version", int))
+
+
 # --- responses ------------------------------------------------------------------------------------------------------
 def new_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex}"
@@ -232,7 +280,7 @@ class TokenText:
         """`choices[].logprobs` of a chat completion: {"content": [{token, logprob, bytes, top_logprobs}]}."""
         def entry(token: int, logprob: float) -> dict:
             text = self.text(token)
-            return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
+            return {"token": text, "logprob": _finite(logprob), "bytes": list(text.encode())}
         return {"content": [entry(lp.token_id, lp.logprob) | {"top_logprobs": [entry(t, v) for t, v in lp.top]}
                             for lp in logprobs]}
 
@@ -244,15 +292,25 @@ class TokenText:
         for token, lp in entries:
             text = self.text(token)
             tokens.append(text)
-            values.append(None if lp is None else lp.logprob)
-            tops.append(None if lp is None else {self.text(t): v for t, v in lp.top})
+            values.append(None if lp is None else _finite(lp.logprob))
+            tops.append(None if lp is None else {self.text(t): _finite(v) for t, v in lp.top})
             offsets.append(offset)
             offset += len(text)
         return {"tokens": tokens, "token_logprobs": values, "top_logprobs": tops, "text_offset": offsets}
 
 
-def chat_response(request_id: str, model: str, completions: list[Completion], text: TokenText,
-                  want_logprobs: bool) -> dict:
+def _finite(logprob: float) -> float:
+    return max(logprob, LOWEST_LOGPROB)
+
+
+def token_fields(completion: Completion) -> dict:
+    """What `return_token_ids` adds to a choice: token_ids (vLLM's), forced and weights_version (n3's)."""
+    return {"token_ids": completion.token_ids, "forced": completion.forced,
+            "weights_version": completion.weights_version}
+
+
+def chat_response(request_id: str, model: str, completions: list[Completion], request: ChatRequest,
+                  text: TokenText) -> dict:
     choices = []
     for i, c in enumerate(completions):
         message = {"role": "assistant", "content": c.text}
@@ -261,12 +319,15 @@ def chat_response(request_id: str, model: str, completions: list[Completion], te
         choices.append({
             "index": i,
             "message": message,
-            "logprobs": text.chat_logprobs(c.logprobs) if want_logprobs else None,
+            "logprobs": text.chat_logprobs(c.logprobs) if request.logprobs else None,
             "finish_reason": c.finish_reason,
-        })
+        } | (token_fields(c) if request.return_token_ids else {}))
     prompt_tokens = len(completions[0].prompt_token_ids)
-    return {"id": request_id, "object": "chat.completion", "created": int(time.time()), "model": model,
-            "choices": choices, "usage": usage(prompt_tokens, sum(len(c.token_ids) for c in completions))}
+    response = {"id": request_id, "object": "chat.completion", "created": int(time.time()), "model": model,
+                "choices": choices, "usage": usage(prompt_tokens, sum(len(c.token_ids) for c in completions))}
+    if request.return_token_ids:  # one prompt for every choice: on the response, as vLLM puts it
+        response["prompt_token_ids"] = completions[0].prompt_token_ids
+    return response
 
 
 def completion_choice(index: int, completion: Completion, request: CompletionRequest, prompt_text: str,
@@ -278,4 +339,7 @@ def completion_choice(index: int, completion: Completion, request: CompletionReq
         if request.echo:
             entries = list(zip(completion.prompt_token_ids, completion.prompt_logprobs)) + entries
         logprobs = text.completion_logprobs(entries)
-    return {"index": index, "text": body, "logprobs": logprobs, "finish_reason": completion.finish_reason}
+    choice = {"index": index, "text": body, "logprobs": logprobs, "finish_reason": completion.finish_reason}
+    if request.return_token_ids:
+        choice |= {"prompt_token_ids": completion.prompt_token_ids} | token_fields(completion)
+    return choice
