@@ -16,7 +16,7 @@ from typing import Annotated
 import typer
 
 from model.errors import UserError
-from n3cli import __version__, data, presets, pretrain, quantize, serve, sft
+from n3cli import __version__, data, presets, pretrain, quantize, rlvr, serve, sft
 from n3cli import eval as evaluation
 from n3cli.options import Debug
 
@@ -28,6 +28,7 @@ COMMANDS: dict[str, Callable | typer.Typer] = {
     "presets": presets.app,
     "pretrain": pretrain.run,
     "sft": sft.run,
+    "rlvr": rlvr.app,
     "quantize": quantize.run,
     "serve": serve.run,
     "eval": evaluation.app,

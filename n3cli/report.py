@@ -188,4 +188,31 @@ def print_task_change(before, after) -> None:
         start = b.accuracy if b else float("nan")
         table.add_row(r.domain, r.reasoning, f"{start:.1%}", f"{r.accuracy:.1%}", f"{r.accuracy - start:+.1%}",
                       f"{r.tokens:.1f}")
+    for mode in ("on", "off"):
+        pairs = [(before.get(r.domain, mode), r) for r in after.results if r.reasoning == mode]
+        if pairs and all(b is not None for b, _ in pairs):
+            start = sum(b.accuracy for b, _ in pairs) / len(pairs)
+            end = sum(a.accuracy for _, a in pairs) / len(pairs)
+            table.add_row("mean", mode, f"{start:.1%}", f"{end:.1%}", f"{end - start:+.1%}", "", style="bold")
     console.print(table)
+
+
+def print_rlvr(result) -> None:
+    """The end of `n3 rlvr`: the run, the last step's rewards, the accuracy before and after, the checkpoint."""
+    last = result.last
+    table = Table(title=f"RL on {', '.join(result.environments)}: {result.start} -> {result.run}",
+                  show_header=False, show_edge=False)
+    table.add_column(justify="left")
+    table.add_column(justify="right")
+    if result.start_step >= result.steps:
+        table.add_row("steps", f"{result.steps} (the run was complete already)")
+    else:
+        table.add_row("steps", f"{result.start_step} -> {result.steps} in {result.seconds:.0f} s")
+        table.add_row("last step", f"reward {last['reward']:.3f}, accuracy {last['accuracy']:.1%}, "
+                      f"zero-variance groups {last['zero_variance']:.0%}")
+        seconds = last["seconds"]
+        table.add_row("time per step", ", ".join(f"{k} {v:.1f} s" for k, v in seconds.items() if k != "step"))
+    table.add_row("checkpoint", str(result.checkpoint))
+    console.print(table)
+    if result.before is not None and result.after is not None:
+        print_task_change(result.before, result.after)

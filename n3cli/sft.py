@@ -114,7 +114,8 @@ def _plan(cfg, checkpoint: Path | None, sources, skip_bad: bool) -> None:
     from stages.envs.suite import parse_suite
     from stages.plan import plan_run
     from stages.chat.data import build_chat_data
-    from stages.sft import chat_options, chat_tokenizer, total_steps
+    from stages.runtime.settings import chat_tokenizer
+    from stages.sft import chat_options, total_steps
 
     if checkpoint is None:
         console.print(f"no checkpoint given and no pretrain run under runs/: the plan of the {cfg.shape} shape")
@@ -130,6 +131,6 @@ def _plan(cfg, checkpoint: Path | None, sources, skip_bad: bool) -> None:
         count = adapter_parameters(build(model, device="meta"), cfg.sft.lora)
         console.print(f"LoRA rank {cfg.sft.lora.rank} ({', '.join(cfg.sft.lora.targets)}): {count:,} parameters train, "
                       "the rest is frozen")
-    data = build_chat_data(chat_tokenizer(path), chat_options(cfg), sources, parse_suite(cfg.sft.tasks), skip_bad)
+    data = build_chat_data(chat_tokenizer(path, "n3 sft"), chat_options(cfg), sources, parse_suite(cfg.sft.tasks), skip_bad)
     steps = total_steps(cfg, len(data.train))
     print_chat_data(data, steps, cfg.sft.train.global_batch_size)

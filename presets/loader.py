@@ -43,7 +43,8 @@ def _schema(cls: type, prefix: str = "") -> dict[str, type]:
 KEYS = _schema(RunConfig)
 del KEYS["name"]  # not settable: a run is named after its preset
 TYPE_NAMES = {
-    int: "an integer", float: "a number", bool: "true or false", str: "a string", list[str]: "a list of strings"
+    int: "an integer", float: "a number", bool: "true or false", str: "a string", list[str]: "a list of strings",
+    list[float]: "a list of numbers",
 }
 BOOLS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
 
@@ -188,6 +189,8 @@ def _is(value: object, kind: type) -> bool:
         return isinstance(value, (int, float))
     if kind == list[str]:
         return isinstance(value, list) and all(isinstance(v, str) for v in value)
+    if kind == list[float]:
+        return isinstance(value, list) and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
     return isinstance(value, kind)
 
 
@@ -212,6 +215,8 @@ def _parse_overrides(overrides: Iterable[str]) -> dict:
         try:
             if kind == list[str]:  # comma-separated: --set precision.bf16_modules=lm_head,mtp.*
                 value = [item.strip() for item in text.split(",") if item.strip()]
+            elif kind == list[float]:
+                value = [float(item) for item in text.split(",") if item.strip()]
             else:
                 value = BOOLS[text.strip().lower()] if kind is bool else kind(text)
         except (KeyError, ValueError):
@@ -238,6 +243,8 @@ def _build(cls: type, data: dict, base=None):
             value = _build(kind, value, getattr(base, key))
         elif kind is float:
             value = float(value)
+        elif kind == list[float]:
+            value = [float(v) for v in value]
         kwargs[key] = value
     return dataclasses.replace(base, **kwargs)
 
@@ -252,12 +259,15 @@ def _model_config(table: dict, source: str) -> ModelConfig:
 def _check_plan(cfg: RunConfig) -> None:
     """Cross-field checks between the run plan and the model, named after the preset."""
     parallel, model = cfg.parallel, cfg.model
-    for name in ("parallel", "sft", "sft.lora", "sft.train"):
+    for name in ("parallel", "sft", "sft.lora", "sft.train", "rlvr", "rlvr.train"):
         _check_floors(cfg, name)
     check_train(cfg, "train")
     for key in ("reasoning_off", "reasoning_truncated", "val_fraction"):
         if getattr(cfg.sft, key) > 1:
             raise UserError(f"preset {cfg.name}: sft.{key} must be at most 1, got {getattr(cfg.sft, key)}")
+    if cfg.rlvr.group_size < 2:
+        raise UserError(f"preset {cfg.name}: rlvr.group_size must be at least 2 (GRPO compares the samples of a "
+                        f"prompt with each other), got {cfg.rlvr.group_size}")
     if "E" in model.pattern and model.n_routed_experts % parallel.expert:
         raise UserError(
             f"preset {cfg.name}: parallel.expert ({parallel.expert}) must divide "

@@ -21,6 +21,10 @@ CHOICES: dict[str, tuple[str, ...]] = {
     **{f"kernels.{op}": names for op, names in KERNEL_CHOICES.items()},
     "sft.train_on": ("assistant", "final", "all"),
     "sft.train.decay_shape": ("linear", "cosine", "sqrt"),
+    "rlvr.train.decay_shape": ("linear", "cosine", "sqrt"),
+    "rlvr.advantage": ("grpo", "dr_grpo", "loo"),
+    "rlvr.normalisation": ("token", "sequence"),
+    "rlvr.isolation": ("auto", "namespaces", "process"),
     "serve.dtype": ("auto", "fp32", "bf16"),
     "serve.ssm_cache_dtype": ("fp32", "bf16", "fp16"),
 }
@@ -200,6 +204,76 @@ class SFTConfig:
     lora: LoRAConfig = field(default_factory=LoRAConfig)
 
 
+def _rlvr_train() -> TrainConfig:
+    """RLVR's optimisation defaults: Nemotron 3 Ultra's student RLVR (lr 4e-6 held constant, no warmup, one optimizer
+    step per rollout batch), on rows of 4096 tokens that samples are packed into. RL trains the main head only:
+    mtp_*, aux_loss_coeff, global_batch_size and eval_sequences of this table are not used (the rollouts make the
+    batch)."""
+    return TrainConfig(seq_len=4096, micro_batch_size=1, global_batch_size=1, steps=200, lr=4e-6, min_lr=4e-6,
+                       warmup_steps=0, decay_fraction=0.0, adam_beta2=0.999, weight_decay=0.0, mtp_depths=0,
+                       checkpoint_interval=50, keep_checkpoints=2)
+
+
+@dataclass
+class RLVRConfig:
+    """`n3 rlvr`: reinforcement learning with verifiable rewards, GRPO family (REFERENCE.md section 4)."""
+
+    train: TrainConfig = field(default_factory=_rlvr_train)
+    """The optimisation table: lr and schedule, clipping, steps (one per rollout batch), seq_len (the rows rollouts
+    are packed into), micro_batch_size (rows per forward), checkpoints, seed."""
+    envs: list[str] = field(default_factory=lambda: ["math", "code", "instructions"])
+    """Environments trained together: a built-in domain with optional levels ("math:1-2"), DOMAIN=FILE.jsonl (user
+    rows scored by that domain's checker), or package.module:Class."""
+    weights: list[float] = field(default_factory=list)
+    """Share of each environment's prompts, in the order of envs; empty: equal."""
+    prompts_per_step: int = 32
+    """Prompts per rollout batch (Ultra: 512)."""
+    group_size: int = 8
+    """Samples per prompt: the group its advantages are taken in (Ultra: 16)."""
+    max_tokens: int = 1024
+    """Tokens a reply may take, reasoning included."""
+    reasoning: bool = True
+    """Sample with reasoning on (the template's enable_thinking); false trains answers without a thought."""
+    max_thinking_tokens: int = field(default=0, metadata={"min": 0})
+    """Reasoning budget of the rollouts (the engine ends the thought after it); 0: no budget."""
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = field(default=0, metadata={"min": 0})
+    advantage: str = "grpo"
+    """grpo: (r - mean) / (std + eps) per group | dr_grpo: r - mean | loo: leave-one-out."""
+    normalisation: str = "token"
+    """Loss over the global batch's tokens (token) or the mean over sequences of their token means (sequence)."""
+    clip_low: float = 0.2
+    clip_high: float = 0.28
+    """DAPO's clip-higher; set equal to clip_low for the symmetric PPO clip."""
+    kl_coeff: float = field(default=0.0, metadata={"min": 0})
+    """KL to the frozen starting policy (k3); 0 loads no reference."""
+    tis_cap: float = field(default=0.0, metadata={"min": 0})
+    """Truncated importance sampling against the engine's log-probs, weight min(pi_learner / pi_engine, cap); 0: off."""
+    filter_zero_variance: bool = True
+    """Drop groups whose rewards are all equal (they carry no advantage: DAPO's dynamic sampling)."""
+    overlong_buffer: int = field(default=0, metadata={"min": 0})
+    """DAPO's soft overlong punishment over the last this-many tokens before max_tokens; 0: off."""
+    updates_per_batch: int = 1
+    """Optimizer steps on each rollout batch: 1 is on-policy; more reuse it against the policy that sampled it."""
+    engine_batch: int = 128
+    """Requests the in-process rollout engine decodes together."""
+    server: str = ""
+    """An OpenAI-compatible n3 serve URL to generate on instead of in-process; it reloads the learner's weights
+    after every step (/update_weights_from_disk)."""
+    isolation: str = "auto"
+    """Code sandbox: auto (namespaces where the machine has them) | namespaces | process (rlimits only)."""
+    allow_weak_isolation: bool = False
+    """Let code run with process isolation only where namespaces are unavailable (otherwise code refuses)."""
+    sandbox_workers: int = 4
+    """Programs run at once when scoring code."""
+    eval_problems: int = 100
+    """Held-out problems per built-in domain for the accuracy before and after (greedy, reasoning on and off)."""
+    eval_max_tokens: int = 256
+    eval_interval: int = field(default=0, metadata={"min": 0})
+    """Steps between held-out evaluations during the run (mean accuracy, reasoning on); 0: before and after only."""
+
+
 @dataclass
 class KernelConfig:
     """Backend per hot op: auto picks the fastest installed path for the device, torch forces the reference."""
@@ -248,3 +322,4 @@ class RunConfig:
     kernels: KernelConfig = field(default_factory=KernelConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
+    rlvr: RLVRConfig = field(default_factory=RLVRConfig)

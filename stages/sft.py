@@ -14,27 +14,24 @@ The run folder is a training run (runtime/checkpointing.py) whose trainer.json s
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from model.checkpoint import config_from_hf, from_pretrained, read_config, resolve_checkpoint
+from model.checkpoint import config_from_hf, from_pretrained, read_config
 from model.errors import UserError
 from model.hybrid import build
-from model.tokenizer import Tokenizer
 from presets import check_train
 from presets.schema import RunConfig
 from stages.chat.data import ChatData, ChatDataOptions, build_chat_data
 from stages.chat.packing import PackedChatBatches
 from stages.chat.reasoning import ReasoningMix
 from stages.chat.sources import ChatSource
-from stages.envs.suite import SuiteAccuracy, evaluate_suite, parse_suite, suite_problems
-from stages.rollout.backend import engine_backend
+from stages.envs.suite import SuiteAccuracy, accuracy_before, checkpoint_accuracy, parse_suite
 from stages.runtime import distributed
-from stages.runtime.checkpointing import latest_resumable, load_checkpoint, read_trainer_state, stage_of, start_run_folder
+from stages.runtime.checkpointing import latest_resumable, load_checkpoint, start_run_folder, starting_point
 from stages.runtime.files import write_json
 from stages.runtime.loop import LoopResult, TrainingJob, run_loop, validation
 from stages.runtime.lora import apply_lora, target_modules
@@ -42,7 +39,7 @@ from stages.runtime.losses import CausalLMObjective
 from stages.runtime.metrics import flops_per_token, peak_flops
 from stages.runtime.optim import build_optimizer
 from stages.runtime.progress import Progress, Quiet
-from stages.runtime.settings import configure_kernels
+from stages.runtime.settings import chat_tokenizer, configure_kernels
 
 STAGE = "sft"
 
@@ -86,11 +83,11 @@ def sft(
     world = distributed.setup(cfg)
     distributed.check_layout(cfg, world, train)
     configure_kernels(cfg)
-    start, path, trainer = _starting_point(run, checkpoint, resume)
+    start, path, trainer = starting_point(run, checkpoint, resume, STAGE, "an SFT run")
     if trainer is not None and data is None and trainer.get("sources"):  # a resumed run keeps its chat files
         data = [ChatSource(name, Path(where), weight) for name, where, weight in trainer["sources"]]
     source = path or start
-    tokenizer = chat_tokenizer(source)
+    tokenizer = chat_tokenizer(source, "n3 sft")
     model_cfg = config_from_hf(read_config(source))
     check_train(cfg, "sft.train", model_cfg)
     if cfg.sft.lora.rank:
@@ -106,7 +103,8 @@ def sft(
 
     before = None
     if world.is_main and data is None:
-        before = _before(cfg, run, start, suite, resume, progress)
+        before = accuracy_before(cfg, Path(run), start, suite, resume, cfg.sft.eval_problems,
+                                 cfg.sft.eval_max_tokens, train.seed, progress, "held-out accuracy before SFT")
     world.barrier()
 
     torch.manual_seed(train.seed)
@@ -155,18 +153,6 @@ def sft(
     return out
 
 
-def _starting_point(run: Path, checkpoint: Path | None, resume: bool) -> tuple[Path, Path | None, dict | None]:
-    """The checkpoint the run fine-tunes; on --resume also the run's newest checkpoint and its trainer state."""
-    if not resume:
-        return resolve_checkpoint(checkpoint), None, None
-    path = latest_resumable(run)
-    if stage_of(path) != STAGE:
-        raise UserError(f"cannot resume {run}: it is not an SFT run (its checkpoints were written by "
-                        f"{stage_of(path) or 'no n3 stage'}); start a new run without --resume")
-    trainer = read_trainer_state(path)
-    return Path(trainer["start"]), path, trainer
-
-
 def chat_options(cfg: RunConfig) -> ChatDataOptions:
     """How [sft] makes its training rows."""
     sft = cfg.sft
@@ -187,32 +173,7 @@ def total_steps(cfg: RunConfig, rows: int) -> int:
     return train.steps
 
 
-def chat_tokenizer(checkpoint: Path) -> Tokenizer:
-    """The checkpoint's tokenizer, which must carry a chat template (UserError otherwise)."""
-    if not (checkpoint / "tokenizer.json").is_file():
-        raise UserError(f"{checkpoint} has no tokenizer.json; n3 sft needs the checkpoint's tokenizer and chat "
-                        "template")
-    tokenizer = Tokenizer.load(checkpoint)
-    if tokenizer.chat_template is None:
-        raise UserError(f"{checkpoint}'s tokenizer has no chat template (tokenizer_config.json chat_template or "
-                        "chat_template.jinja); n3 sft trains in the checkpoint's own template")
-    return tokenizer
-
-
 def evaluate(cfg: RunConfig, checkpoint: Path, suite: dict, progress: Progress, title: str) -> SuiteAccuracy:
-    """Held-out accuracy of a checkpoint on the suite (sft.eval_problems per domain, greedy, reasoning on and off),
-    in an in-process engine that decodes eagerly (compiling would cost more than these few replies)."""
-    problems = suite_problems(suite, "test", cfg.sft.eval_problems, cfg.sft.train.seed)
-    backend = engine_backend(checkpoint, cfg, progress.note, max_batch=32, compile=False)
-    progress.start(title, total=2 * sum(map(len, problems.values())))
-    return evaluate_suite(backend, problems, cfg.sft.eval_max_tokens, advance=progress.advance)
-
-
-def _before(cfg: RunConfig, run: Path, start: Path, suite: dict, resume: bool, progress: Progress) -> SuiteAccuracy:
-    """The starting checkpoint's accuracy: measured once, kept in the run folder for --resume."""
-    saved = Path(run) / "tasks-before.json"
-    if resume and saved.is_file():
-        return SuiteAccuracy.from_summary(json.loads(saved.read_text()))
-    before = evaluate(cfg, start, suite, progress, "held-out accuracy before SFT")
-    write_json(saved, before.summary())
-    return before
+    """Held-out accuracy of a checkpoint on the suite: sft.eval_problems per domain, greedy, reasoning on and off."""
+    return checkpoint_accuracy(cfg, checkpoint, suite, cfg.sft.eval_problems, cfg.sft.eval_max_tokens,
+                               cfg.sft.train.seed, progress, title)

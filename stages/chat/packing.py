@@ -94,7 +94,8 @@ def pack(samples: list[Sample], seq_len: int, pad_id: int, buffer: int = BUFFER)
     for start in range(0, len(samples), buffer):
         chunk = [s for s in samples[start : start + buffer] if len(s) <= seq_len]
         stats.too_long += min(buffer, len(samples) - start) - len(chunk)
-        rows += _best_fit_decreasing(chunk, seq_len)
+        packed = best_fit_decreasing([len(s) for s in chunk], seq_len, [s.prompt_key for s in chunk])
+        rows += [[chunk[i] for i in row] for row in packed]
     input_ids = np.full((len(rows), seq_len), pad_id, dtype=np.int64)
     labels = np.full((len(rows), seq_len), IGNORE, dtype=np.int64)
     seq_idx = np.zeros((len(rows), seq_len), dtype=np.int64)
@@ -115,23 +116,26 @@ def pack(samples: list[Sample], seq_len: int, pad_id: int, buffer: int = BUFFER)
     return PackedRows(input_ids, labels, seq_idx, stats)
 
 
-def _best_fit_decreasing(samples: list[Sample], seq_len: int) -> list[list[Sample]]:
-    rows: list[list[Sample]] = []
-    prompts: list[set[str]] = []
+def best_fit_decreasing(lengths: list[int], capacity: int, keys: list[str] | None = None) -> list[list[int]]:
+    """Rows of item indices, packed longest first into the open row with the least room that still fits (and, with
+    `keys`, holds no item of the same key); every length must be at most `capacity`."""
+    rows: list[list[int]] = []
+    seen: list[set[str]] = []
     room: list[tuple[int, int]] = []  # (space left, row), sorted: the first that fits is the best fit
-    for sample in sorted(samples, key=len, reverse=True):
-        n = len(sample)
+    for item in sorted(range(len(lengths)), key=lambda i: lengths[i], reverse=True):
+        n = lengths[item]
         i = bisect.bisect_left(room, (n, -1))
-        while i < len(room) and sample.prompt_key in prompts[room[i][1]]:
+        while keys is not None and i < len(room) and keys[item] in seen[room[i][1]]:
             i += 1
         if i < len(room):
             space, row = room.pop(i)
         else:
-            space, row = seq_len, len(rows)
+            space, row = capacity, len(rows)
             rows.append([])
-            prompts.append(set())
-        rows[row].append(sample)
-        prompts[row].add(sample.prompt_key)
+            seen.append(set())
+        rows[row].append(item)
+        if keys is not None:
+            seen[row].add(keys[item])
         bisect.insort(room, (space - n, row))
     return rows
 

@@ -94,12 +94,12 @@ def _rows(path: Path) -> Iterator[tuple[str, object]]:
         if not files:
             raise UserError(f"chat data folder {path} holds no {', '.join(FILES)} files (nor a datasets folder)")
         for file in files:
-            yield from _file_rows(file)
+            yield from file_rows(file)
     else:
-        yield from _file_rows(path)
+        yield from file_rows(path)
 
 
-def _file_rows(file: Path) -> Iterator[tuple[str, object]]:
+def file_rows(file: Path) -> Iterator[tuple[str, object]]:
     if file.suffix == ".parquet":
         yield from _parquet_rows(file)
     elif file.suffix == ".json":

@@ -9,6 +9,9 @@ and evaluation (REFERENCE.md section 4).
 Each domain has difficulty levels (1 = easiest). A problem's split is `split_of(problem.key)`, and generators keep
 only the problems of the split asked for, so test problems never reach training, whatever the seeds. A Score with
 error=True means the checker or the program runner failed: drop that sample rather than score it 0.
+
+RL trains on environments (stages.envs.environments): these tasks, your rows scored by their checkers, or your own
+class, behind one interface that gives Prompts and scores replies.
 """
 
 from stages.envs.base import Problem, Score, Task, split_of
@@ -18,4 +21,14 @@ from stages.envs.math import MathTask
 
 TASKS: dict[str, Task] = {"math": MathTask(), "code": CodeTask(), "instructions": InstructionsTask()}
 
-__all__ = ["TASKS", "Problem", "Score", "Task", "split_of"]
+# After TASKS: the environments score through it.
+from stages.envs.environments import (  # noqa: E402
+    Environment,
+    Prompt,
+    blend_prompts,
+    load_environment,
+    load_environments,
+)
+
+__all__ = ["TASKS", "Environment", "Problem", "Prompt", "Score", "Task", "blend_prompts", "load_environment",
+           "load_environments", "split_of"]

@@ -9,15 +9,25 @@ Levels:
 
 The worked steps are the same at every level (one `steps` function), so what a small model learns on the lower
 levels is what the word problems use. Only the last \\boxed{} of a completion counts, and without one the answer
-scores 0: a checker that falls back to the whole text rewards answers that merely mention the number.
+scores 0: a checker that falls back to the whole text rewards answers that merely mention the number. The boxed
+answer is compared with the gold one (data {"answer": a number or a LaTeX string}) by math-verify, in checker
+processes whose timeouts work from any thread (`equivalent`).
 """
 
 from __future__ import annotations
 
+import atexit
+import json
 import logging
+import os
+import select
+import signal
+import subprocess
+import sys
 import threading
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 from stages.envs.base import GeneratedTask, Problem, Score, Space
 
@@ -186,26 +196,95 @@ def last_boxed(text: str) -> str | None:
     return None
 
 
-class _UntimedOnPurpose(logging.Filter):
-    """math-verify warns when its timeouts are off; off the main thread they are, on purpose (see `equivalent`)."""
+TIMEOUT = 5
+"""Seconds math-verify may take to parse each side and to compare them (its own timeouts, by signal.alarm)."""
+STALL = 3 * TIMEOUT + 5
+"""Seconds one check may take, its process's start included, before the process is killed: math-verify's alarms
+interrupt Python code, not every long C call."""
 
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not record.getMessage().startswith("Timeout is disabled")
+
+def equivalent(gold: str, answer: str) -> bool | None:
+    """math-verify's judgement (gold first); None when the check passed STALL seconds.
+
+    Checks run in checker processes, on their main thread, because math-verify's timeouts use signal.alarm, which
+    works only there, and RL scores from worker threads: without the alarm, sympy works on \\boxed{9^{9^{9}}} for
+    good, holding the GIL, and the whole trainer stalls. Each check running at once has a process of its own, kept
+    for later checks; one that passes STALL is killed, whatever it is stuck in."""
+    with _IDLE_LOCK:
+        checker = _IDLE.pop() if _IDLE else None
+    checker = checker or _Checker()
+    try:
+        verdict = checker.check(gold, answer)
+    except BaseException:
+        checker.close()
+        raise
+    if verdict is not None:
+        with _IDLE_LOCK:
+            _IDLE.append(checker)
+    return verdict
 
 
-def equivalent(gold: str, answer: str) -> bool:
-    """math-verify's judgement (gold first). Its timeouts use signal.alarm, which works only on the main thread:
-    elsewhere they are off, and the boxed answers it sees are short."""
-    from math_verify import parse, verify  # imported here: it brings in sympy, which problem generation never needs
+class _Checker:
+    """A child interpreter that answers checks, one at a time, on its main thread: JSON lines [gold, answer,
+    timeout] in, [true, verdict] or [false, "Error: message"] out."""
 
-    for name in ("math_verify.parser", "math_verify.grader"):
-        logger = logging.getLogger(name)
-        if not any(isinstance(f, _UntimedOnPurpose) for f in logger.filters):
-            logger.addFilter(_UntimedOnPurpose())
-    timeout = 5 if threading.current_thread() is threading.main_thread() else None
-    parsed_gold = parse(BOXED + gold + "}", parsing_timeout=timeout)
-    parsed = parse(BOXED + answer + "}", parsing_timeout=timeout)
-    return verify(parsed_gold, parsed, timeout_seconds=timeout)
+    def __init__(self):
+        # A fresh interpreter, not a fork (the caller may hold threads and their locks) nor multiprocessing's spawn
+        # (which re-runs a script's unguarded top level in the child), importing this package from where we do.
+        root = str(Path(__file__).resolve().parents[2])
+        environment = os.environ | {"PYTHONPATH": os.pathsep.join(filter(None, (root, os.environ.get("PYTHONPATH"))))}
+        self.process = subprocess.Popen(
+            [sys.executable, "-c", "from stages.envs.math import _serve; _serve()"], env=environment,
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+        )
+
+    def check(self, gold: str, answer: str) -> bool | None:
+        """The verdict, or None (and the process killed) when it takes over STALL seconds; a checker that fails
+        raises."""
+        self.process.stdin.write(json.dumps([gold, answer, TIMEOUT]) + "\n")
+        self.process.stdin.flush()
+        ready, _, _ = select.select([self.process.stdout], [], [], STALL)
+        if not ready:
+            self.close()
+            return None
+        line = self.process.stdout.readline()
+        if not line:
+            raise RuntimeError(f"the math-verify process ended (exit status {self.process.wait()})")
+        ok, verdict = json.loads(line)
+        if not ok:
+            raise RuntimeError(verdict)
+        return verdict
+
+    def close(self) -> None:
+        self.process.kill()
+        self.process.communicate()
+
+
+_IDLE: list[_Checker] = []
+_IDLE_LOCK = threading.Lock()
+
+
+@atexit.register
+def _close_idle() -> None:
+    while _IDLE:
+        _IDLE.pop().close()
+
+
+def _serve() -> None:
+    """A checker process's loop (see _Checker), until its input closes."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle; it ends this process
+    from math_verify import parse, verify  # brings in sympy, which problem generation never needs
+
+    logging.getLogger("math_verify").setLevel(logging.ERROR)  # its timeouts come back as verdicts, not warnings
+    for line in sys.stdin:
+        gold, answer, timeout = json.loads(line)
+        try:
+            verdict = verify(parse(BOXED + gold + "}", parsing_timeout=timeout),
+                             parse(BOXED + answer + "}", parsing_timeout=timeout), timeout_seconds=timeout)
+            reply = [True, bool(verdict)]
+        except Exception as e:  # the checker failed, not the answer: the parent's score marks it an error
+            reply = [False, f"{type(e).__name__}: {e}"]
+        print(json.dumps(reply), flush=True)
 
 
 class MathTask(GeneratedTask):
@@ -215,7 +294,7 @@ class MathTask(GeneratedTask):
     def score(self, data: dict, completion: str) -> Score:
         start = time.perf_counter()
         gold = data.get("answer")
-        if isinstance(gold, int) and not isinstance(gold, bool):
+        if isinstance(gold, (int, float)) and not isinstance(gold, bool):
             gold = str(gold)
         if not isinstance(gold, str) or not gold.strip():
             raise ValueError(f"math data needs a non-empty 'answer' (a number or a LaTeX string), got {data!r}")
@@ -226,6 +305,9 @@ class MathTask(GeneratedTask):
             correct = equivalent(gold, answer)
         except Exception as e:  # math-verify or sympy failed, not the answer: the sample is dropped, not scored 0
             return Score(0.0, False, f"checker failed: {type(e).__name__}: {e}", error=True,
+                         seconds=time.perf_counter() - start)
+        if correct is None:  # the answer's fault (a number too big to work out), as a math-verify timeout is
+            return Score(0.0, False, f"checking {_short(answer)} took over {STALL:g} s",
                          seconds=time.perf_counter() - start)
         reason = "correct" if correct else f"wrong answer {_short(answer)} (expected {gold})"
         return Score(float(correct), correct, reason, seconds=time.perf_counter() - start)

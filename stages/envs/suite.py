@@ -9,14 +9,19 @@ model's accuracy on held-out problems, greedy, with reasoning on and off (what `
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 from model.errors import UserError
+from presets.schema import RunConfig
 from stages.envs import TASKS, Problem
-from stages.rollout.backend import Backend
+from stages.rollout.backend import Backend, engine_backend
+from stages.runtime.files import write_json
+from stages.runtime.progress import Progress
 
 MODES = {"on": True, "off": False}
 """Reasoning modes: the value of the chat template's enable_thinking."""
@@ -114,3 +119,29 @@ def evaluate_suite(
                                  "reward": s.reward, "passed": s.passed, "reason": s.reason, "error": s.error}
                                 for p, r, s in zip(items, replies, scores)]
     return SuiteAccuracy(backend.description, results, predictions)
+
+
+def checkpoint_accuracy(
+    cfg: RunConfig, checkpoint: Path, suite: dict[str, list[int] | None], count: int, max_tokens: int, seed: int,
+    progress: Progress, title: str, modes: tuple[str, ...] = ("on", "off"),
+) -> SuiteAccuracy:
+    """Held-out accuracy of a checkpoint on `count` test problems per domain of the suite, in an in-process engine
+    that decodes eagerly (compiling costs more than these few replies): what stages report before and after."""
+    problems = suite_problems(suite, "test", count, seed)
+    backend = engine_backend(checkpoint, cfg, progress.note, max_batch=32, compile=False)
+    progress.start(title, total=len(modes) * sum(map(len, problems.values())))
+    return evaluate_suite(backend, problems, max_tokens, modes, progress.advance)
+
+
+def accuracy_before(
+    cfg: RunConfig, run: Path, start: Path, suite: dict[str, list[int] | None], resume: bool, count: int,
+    max_tokens: int, seed: int, progress: Progress, title: str,
+) -> SuiteAccuracy:
+    """The starting checkpoint's held-out accuracy: measured once, kept in the run folder (tasks-before.json) for
+    --resume."""
+    saved = run / "tasks-before.json"
+    if resume and saved.is_file():
+        return SuiteAccuracy.from_summary(json.loads(saved.read_text()))
+    before = checkpoint_accuracy(cfg, start, suite, count, max_tokens, seed, progress, title)
+    write_json(saved, before.summary())
+    return before

@@ -118,6 +118,21 @@ def start_run_folder(run: Path, name: str, preset_toml: str | None) -> None:
         (run / f"{name}.toml").write_text(preset_toml + "\n")
 
 
+def starting_point(run: Path, checkpoint: Path | None, resume: bool, stage: str, kind: str
+                   ) -> tuple[Path, Path | None, dict | None]:
+    """What a stage's run starts from: the checkpoint given (or a run folder's newest); on --resume the run's newest
+    checkpoint, which `stage` must have written (`kind`, e.g. "an SFT run", names it in the error), its trainer
+    state, and the checkpoint the run started from. Returns (start, resumed checkpoint, trainer state)."""
+    if not resume:
+        return resolve_checkpoint(checkpoint), None, None
+    path = latest_resumable(run)
+    if stage_of(path) != stage:
+        raise UserError(f"cannot resume {run}: it is not {kind} (its checkpoints were written by "
+                        f"{stage_of(path) or 'no n3 stage'}); start a new run without --resume")
+    trainer = read_trainer_state(path)
+    return Path(trainer["start"]), path, trainer
+
+
 def read_trainer_state(path: Path) -> dict:
     try:
         return json.loads((path / TRAINER).read_text())

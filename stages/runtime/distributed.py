@@ -45,6 +45,14 @@ class World:
             dist.all_reduce(tensor)
         return tensor
 
+    def max(self, value: float) -> float:
+        """The largest of every rank's value."""
+        if not self.distributed:
+            return value
+        tensor = torch.tensor([float(value)], device=self.device)
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+        return tensor.item()
+
     def broadcast(self, value: object) -> object:
         """Rank 0's value on every rank."""
         if not self.distributed:

@@ -133,14 +133,23 @@ def optimizer_step(job: TrainingJob, step: int) -> tuple[float, list[float], flo
     lr = wsd_lr(step, job.total_steps, train)
     set_lr(job.optimizer, lr)
     head_losses, aux, load, rms = _accumulate_gradients(job, _head_scales(job))
-    params = [p for p in job.objective.parameters() if p.requires_grad]
+    grad_norm = apply_gradients(job.objective, job.optimizer, train, load)
+    return lr, head_losses, aux, load, rms, grad_norm
+
+
+def apply_gradients(objective: nn.Module, optimizer: torch.optim.Optimizer, train: TrainConfig, load: torch.Tensor
+                    ) -> float:
+    """The end of every optimizer step, whatever the objective: clip the accumulated gradients, step AdamW, clear
+    the gradients, move the expert biases by the step's load (per MoE layer, as the objective lists them). Returns
+    the gradient norm before clipping."""
+    params = [p for p in objective.parameters() if p.requires_grad]
     grad_norm = torch.nn.utils.clip_grad_norm_(params, train.grad_clip or math.inf)
-    job.optimizer.step()
-    job.optimizer.zero_grad(set_to_none=True)
-    objective = distributed.unwrap(job.objective)
-    for moe, layer_load in zip(objective.main_moes + objective.mtp_moes, load):
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    unwrapped = distributed.unwrap(objective)
+    for moe, layer_load in zip(unwrapped.main_moes + unwrapped.mtp_moes, load):
         update_expert_bias(moe, layer_load, train.bias_update_rate)
-    return lr, head_losses, aux, load, rms, float(_full(grad_norm))
+    return float(_full(grad_norm))
 
 
 def _head_scales(job: TrainingJob) -> list[float]:

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from model.errors import UserError
+from model.tokenizer import Tokenizer
 from presets.schema import RunConfig
 
 
@@ -97,3 +98,16 @@ def load_engine(checkpoint: Path, cfg: RunConfig, config, warn: Callable[[str], 
             warn(f"compiling the decode step failed ({' '.join(str(err).split())[:300]}); decoding eagerly")
             engine = Engine(model, tokenizer, dataclasses.replace(config, compile=False))
     return engine
+
+
+def chat_tokenizer(checkpoint: Path, command: str) -> Tokenizer:
+    """The checkpoint's tokenizer, which must carry a chat template: the stages that train on conversations work
+    in the checkpoint's own template (UserError otherwise, naming `command`)."""
+    if not (checkpoint / "tokenizer.json").is_file():
+        raise UserError(f"{checkpoint} has no tokenizer.json; {command} needs the checkpoint's tokenizer and chat "
+                        "template")
+    tokenizer = Tokenizer.load(checkpoint)
+    if tokenizer.chat_template is None:
+        raise UserError(f"{checkpoint}'s tokenizer has no chat template (tokenizer_config.json chat_template or "
+                        f"chat_template.jinja); {command} works in the checkpoint's own template")
+    return tokenizer
