@@ -22,7 +22,6 @@ little padding; TRL's wrapped rows hold none. The model has no MTP head (transfo
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import statistics
 import tempfile
@@ -32,8 +31,8 @@ from pathlib import Path
 import torch
 
 import presets
-from model.checkpoint import from_pretrained, resolve_checkpoint, save_pretrained
-from model.hybrid import build
+from peer_checkpoint import without_mtp
+from model.checkpoint import from_pretrained
 from model.tokenizer import Tokenizer
 from stages.chat.data import build_chat_data
 from stages.chat.packing import PackedChatBatches
@@ -92,19 +91,7 @@ def _compare(args, folder: Path) -> None:
 def _checkpoint(given: Path | None, out: Path) -> Path:
     """A checkpoint without MTP, written with the released template as its chat template."""
     given = given or newest_run(Path("runs"), "pretrain")
-    if given is not None:
-        model, tokenizer = from_pretrained(resolve_checkpoint(given)), Tokenizer.load(resolve_checkpoint(given))
-    else:
-        from stages.data import CorpusOptions, default_corpus_dir, parse_sources, prepare
-
-        cfg = presets.load("cpu")
-        corpus = default_corpus_dir(cfg.model.vocab_size)
-        prepare(parse_sources([]), corpus, CorpusOptions(vocab_size=cfg.model.vocab_size))
-        model, tokenizer = build(cfg.model), Tokenizer.load(corpus)
-    bare = build(dataclasses.replace(model.config, pattern=model.config.main_pattern))
-    bare.load_state_dict({k: v for k, v in model.state_dict().items() if not k.startswith("mtp.")})
-    save_pretrained(bare, out)
-    tokenizer.save(out)
+    without_mtp(given, out)
     import trl
 
     template = (Path(trl.__file__).parent / "chat_templates" / "nemotron_3_nano_training.jinja").read_text()

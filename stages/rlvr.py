@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from stages.envs.environments import Environment, TaskEnvironment, blend_prompts, load_environments
 from stages.envs.sandbox import Runner
 from stages.runtime.plots import plot_curves
@@ -120,8 +121,6 @@ def rlvr(cfg: RunConfig, run: Path, checkpoint: Path | None, resume: bool = Fals
 
     torch.manual_seed(train.seed)
     model = from_pretrained(source, dtype=torch.float32, device=world.device)
-    if model.mtp is not None:
-        model.mtp.requires_grad_(False)  # RL trains the policy; the MTP head is mtp-boost's business
     objective = distributed.prepare_model(PolicyObjective(model), cfg, world, progress.note, train)
     optimizer = build_optimizer(objective, train)
     reference = _reference(cfg, start, world)
@@ -279,7 +278,9 @@ def _send_weights(backend: Backend, objective, version: int, run: Path) -> None:
         save_pretrained(model, path)
         backend.update_weights(path)
         return
-    backend.engine.load_weights({k: v.detach() for k, v in model.state_dict().items()}, version)
+    # Gathered whole (FSDP2 holds shards), as the objective names them: "model." + the model's own names.
+    state = get_model_state_dict(objective, options=StateDictOptions(full_state_dict=True))
+    backend.engine.load_weights({k.removeprefix("model."): v.detach() for k, v in state.items()}, version)
 
 
 def _backend(cfg: RunConfig, source: Path, world: World, progress: Progress) -> Backend:

@@ -174,8 +174,11 @@ def test_two_process_step_equals_one_process():
     local = PolicyObjective(build(tiny_config(initializer_range=0.2)))
     exact = step_gradients(local, rank_batches(None), World(0, 1, 0, torch.device("cpu")))
     results = mp.get_context("spawn").SimpleQueue()
-    mp.start_processes(ddp_worker, args=(free_port(), results), nprocs=2, start_method="spawn")
+    # Read before joining: the gradients outgrow the pipe's buffer, and a writer blocks until they are read.
+    workers = mp.start_processes(ddp_worker, args=(free_port(), results), nprocs=2, start_method="spawn", join=False)
     reduced = results.get()
+    while not workers.join():
+        pass
     assert set(reduced) == set(exact)
     for name, grad in exact.items():
         torch.testing.assert_close(torch.from_numpy(reduced[name]), grad, atol=1e-4, rtol=1e-4)

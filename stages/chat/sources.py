@@ -100,6 +100,7 @@ def _rows(path: Path) -> Iterator[tuple[str, object]]:
 
 
 def file_rows(file: Path) -> Iterator[tuple[str, object]]:
+    """The rows of one .jsonl, .json or .parquet file, each with where it is ("FILE:LINE" or "FILE row N")."""
     if file.suffix == ".parquet":
         yield from _parquet_rows(file)
     elif file.suffix == ".json":

@@ -4,7 +4,7 @@ model) and one rollout batch's gradient accumulation, on every rank.
 PolicyObjective wraps a NemotronH so that DDP and FSDP2 wrap it and see lm_head used inside its forward. It returns
 the log-probs (kernels.logprobs, under the distribution the engine sampled from) and entropies of the target tokens,
 flattened in row-major order, and the expert load of the forward for the aux-loss-free bias update. The MTP head
-takes no part (it is frozen by the stage: no gradient, no DDP traffic).
+takes no part: the objective freezes it (mtp-boost trains it).
 
 Distribution: each rank trains the rows of its own rollouts; ranks run the same number of micro-batches (a rank
 short of rows runs empty ones, so the collectives of DDP and FSDP2 match), and the token weights are shares of the
@@ -50,6 +50,8 @@ class PolicyObjective(nn.Module):
     def __init__(self, model: NemotronH):
         super().__init__()
         self.model = model
+        if model.mtp is not None:  # no gradient reaches it: frozen, it stays out of the optimizer and DDP's buckets
+            model.mtp.requires_grad_(False)
         self.main_moes, _ = moe_layers(model)
         self.mtp_moes: list = []
         self.mtp_depths = 0

@@ -196,7 +196,9 @@ def _fsdp(objective: nn.Module, cfg: RunConfig) -> nn.Module:
     model = objective.model
     for layer in model.model.layers:
         fully_shard(layer, mp_policy=policy)
-    if model.mtp is not None:
+    if model.mtp is not None and any(p.requires_grad for p in model.mtp.parameters()):
+        # A frozen MTP head (RL's) runs in no forward: as a unit of its own it would never be gathered, and FSDP2's
+        # end of backward fails on it. Left to the root unit, it is gathered with the embeddings.
         fully_shard(model.mtp, mp_policy=policy)
     # The root unit holds what the layers do not: embeddings, final norm and the output layer.
     root_reduce = torch.float32 if cfg.parallel.output_grad_fp32 else reduce_dtype
