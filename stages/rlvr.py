@@ -34,7 +34,7 @@ from model.checkpoint import config_from_hf, from_pretrained, read_config, save_
 from model.errors import UserError
 from presets import check_train
 from presets.schema import RunConfig
-from stages.envs.suite import SuiteAccuracy, accuracy_before, checkpoint_accuracy
+from stages.envs.suite import SuiteAccuracy, accuracy_before, checkpoint_accuracy, evaluate_suite, suite_problems
 from stages.rollout.backend import Backend, engine_backend
 from stages.rollout.batches import PolicyMicroBatch, pack_trajectories
 from stages.rollout.client import EndpointBackend
@@ -225,6 +225,7 @@ def _micro_batches(kept: list, cfg: RunConfig, world: World, pad_id: int) -> lis
 
 
 def _record(step: int, stats: GroupStats, rollouts: list, update: dict, times: dict, world: World) -> dict:
+    """The step's metrics.jsonl line, over every rank's samples."""
     generated = sum(len(r.token_ids) for group in rollouts for r in group)
     totals = world.all_reduce(torch.tensor([float(generated), float(stats.groups), float(stats.zero_variance),
                                             float(stats.errors)]))
@@ -302,8 +303,8 @@ def _reference(cfg: RunConfig, start: Path, world: World) -> PolicyObjective | N
 
 
 def _quick_accuracy(cfg: RunConfig, backend: Backend, suite: dict) -> float:
-    from stages.envs.suite import evaluate_suite, suite_problems
-
+    """Mean held-out accuracy, reasoning on, of the weights generating now (rlvr.eval_interval): the rollout
+    backend answers, so nothing is loaded."""
     problems = suite_problems(suite, "test", cfg.rlvr.eval_problems, cfg.rlvr.train.seed)
     result = evaluate_suite(backend, problems, cfg.rlvr.eval_max_tokens, modes=("on",))
     return sum(r.accuracy for r in result.results) / max(1, len(result.results))

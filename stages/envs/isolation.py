@@ -94,8 +94,13 @@ def _mirror(path: str, root: str) -> None:
 def build(root: str, program: bytes, uid: int, prefixes: list[str]) -> None:
     """The program's filesystem under `root` (see the module docstring), all of it read-only but /tmp."""
     _mount("tmpfs", root, "tmpfs", MS_NOSUID | MS_NODEV, "size=1m,mode=0755")
-    for place in _places(prefixes):
-        _mirror(place, root)
+    places = _places(prefixes)
+    # A prefix under /tmp (a virtual environment made there, as CI makes one) is mirrored into the fresh /tmp
+    # once that exists, read-only like the rest.
+    in_tmp = [place for place in places if place.startswith("/tmp/")]
+    for place in places:
+        if place not in in_tmp:
+            _mirror(place, root)
     os.mkdir(f"{root}/dev")
     for name in DEVICES:
         open(f"{root}/dev/{name}", "x").close()
@@ -106,6 +111,8 @@ def build(root: str, program: bytes, uid: int, prefixes: list[str]) -> None:
     _mount("tmpfs", f"{root}/tmp", "tmpfs", MS_NOSUID | MS_NODEV, f"{SCRATCH_OPTIONS},uid={uid},gid={uid}")
     with open(f"{root}/tmp/main.py", "xb") as file:
         file.write(program)
+    for place in in_tmp:
+        _mirror(place, root)
     _set_attributes(root, set_=MOUNT_ATTR_RDONLY | MOUNT_ATTR_NOSUID, recursive=True)
     _set_attributes(f"{root}/tmp", clear=MOUNT_ATTR_RDONLY)
 
