@@ -59,9 +59,10 @@ class PolicyMicroBatch:
     forward's, detached)."""
 
     @classmethod
-    def empty(cls, seq_len: int, pad_id: int) -> PolicyMicroBatch:
-        """A row of padding that trains nothing: what a rank short of rows runs so that ranks stay in step."""
-        shape = (1, seq_len)
+    def empty(cls, seq_len: int, pad_id: int, rows: int = 1) -> PolicyMicroBatch:
+        """Rows of padding that train nothing: what packing fills in, and what a rank short of rows runs so that
+        ranks stay in step."""
+        shape = (rows, seq_len)
         return cls(torch.full(shape, pad_id, dtype=torch.long), torch.full(shape, IGNORE, dtype=torch.long),
                    torch.zeros(shape, dtype=torch.long), torch.zeros(shape), torch.zeros(shape), torch.zeros(shape))
 
@@ -82,11 +83,7 @@ def pack_trajectories(
     batches = []
     for start in range(0, len(rows), rows_per_micro):
         chunk = rows[start : start + rows_per_micro]
-        shape = (len(chunk), seq_len)
-        batch = PolicyMicroBatch(
-            torch.full(shape, pad_id, dtype=torch.long), torch.full(shape, IGNORE, dtype=torch.long),
-            torch.zeros(shape, dtype=torch.long), torch.zeros(shape), torch.zeros(shape), torch.zeros(shape),
-        )
+        batch = PolicyMicroBatch.empty(seq_len, pad_id, len(chunk))
         for r, row in enumerate(chunk):
             offset = 0
             for document, i in enumerate(row):
