@@ -38,7 +38,7 @@ from stages.envs.suite import SuiteAccuracy, accuracy_before, checkpoint_accurac
 from stages.rollout.backend import Backend, engine_backend
 from stages.rollout.batches import PolicyMicroBatch, pack_trajectories
 from stages.rollout.client import EndpointBackend
-from stages.rollout.groups import GroupSettings, GroupStats, score_groups, trajectories
+from stages.rollout.groups import GroupSettings, GroupStats, env_means, score_groups, trajectories
 from stages.rollout.learner import (
     PolicyLossSettings,
     PolicyObjective,
@@ -248,21 +248,11 @@ def _record(step: int, stats: GroupStats, rollouts: list, update: dict, times: d
 
 def _gather_env_stats(per_env: dict[str, dict[str, float]], world: World) -> dict[str, dict[str, float]]:
     """Per-environment means over every rank's samples."""
-    if not world.distributed:
-        return per_env
-    gathered: list = [None] * world.size
-    torch.distributed.all_gather_object(gathered, per_env)
-    merged: dict[str, dict[str, float]] = {}
-    for part in gathered:
-        for env, row in part.items():
-            into = merged.setdefault(env, {"samples": 0, "reward": 0.0, "accuracy": 0.0, "length": 0.0})
-            for key in ("reward", "accuracy", "length"):
-                into[key] += row[key] * row["samples"]
-            into["samples"] += row["samples"]
-    for row in merged.values():
-        for key in ("reward", "accuracy", "length"):
-            row[key] /= max(1, row["samples"])
-    return merged
+    gathered: list = [per_env]
+    if world.distributed:
+        gathered = [None] * world.size
+        torch.distributed.all_gather_object(gathered, per_env)
+    return env_means(gathered)
 
 
 def _seed(seed: int, step: int, world: World) -> int:

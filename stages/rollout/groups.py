@@ -37,6 +37,10 @@ class GroupSettings:
     max_tokens: int = 1024
 
 
+MEANS = ("reward", "accuracy", "length")
+"""What GroupStats.per_env sums and env_means divides by the samples."""
+
+
 @dataclass
 class GroupStats:
     groups: int = 0
@@ -45,7 +49,8 @@ class GroupStats:
     errors: int = 0
     """Samples the infrastructure failed to score, dropped."""
     per_env: dict[str, dict[str, float]] = field(default_factory=dict)
-    """Per environment: samples, reward (mean, before shaping), accuracy (share passed), length (reply tokens)."""
+    """Per environment, summed over its samples: samples, reward (before shaping), passed, length (reply tokens);
+    sums, so ranks add them (env_means divides)."""
 
 
 def score_groups(
@@ -82,17 +87,25 @@ def trajectories(groups: list[list[Scored]], settings: GroupSettings) -> tuple[l
             r = s.rollout
             kept.append(Trajectory(r.prompt_ids, r.token_ids, r.logprobs, [not f for f in r.forced], advantage,
                                    s.env, s.group))
-    for row in stats.per_env.values():
-        samples = max(1, row["samples"])
-        for key in ("reward", "accuracy", "length"):
-            row[key] /= samples
     return kept, stats
 
 
 def _count(stats: GroupStats, samples: list[Scored]) -> None:
     for s in samples:
-        row = stats.per_env.setdefault(s.env, {"samples": 0, "reward": 0.0, "accuracy": 0.0, "length": 0.0})
+        row = stats.per_env.setdefault(s.env, dict.fromkeys(("samples", *MEANS), 0.0))
         row["samples"] += 1
         row["reward"] += s.score.reward
         row["accuracy"] += float(s.score.passed)
         row["length"] += len(s.rollout.token_ids)
+
+
+def env_means(per_env: list[dict[str, dict[str, float]]]) -> dict[str, dict[str, float]]:
+    """Per environment, the means over the samples of several GroupStats.per_env (one per rank), and the samples."""
+    totals: dict[str, dict[str, float]] = {}
+    for part in per_env:
+        for env, row in part.items():
+            into = totals.setdefault(env, dict.fromkeys(("samples", *MEANS), 0.0))
+            for key, value in row.items():
+                into[key] += value
+    return {env: {key: row[key] / max(1.0, row["samples"]) for key in MEANS} | {"samples": row["samples"]}
+            for env, row in totals.items()}
