@@ -34,6 +34,7 @@ padding included; TRL: every reply padded to the longest prompt plus the longest
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import statistics
@@ -49,9 +50,9 @@ from model.checkpoint import from_pretrained
 from model.tokenizer import Tokenizer
 from stages import rlvr as rlvr_stage
 from stages.envs.environments import blend_prompts, load_environments
-from stages.rlvr import _rollout_batch, rl_step
+from stages.rlvr import rl_step
 from stages.rollout.backend import engine_backend
-from stages.rollout.learner import PolicyObjective
+from stages.rollout.learner import PolicyObjective, rollout_table
 from stages.runtime import distributed
 from stages.runtime.checkpointing import newest_run
 from stages.runtime.distributed import World
@@ -148,7 +149,8 @@ class _N3Step:
 
     def __init__(self, cfg, checkpoint: Path, plan: list, envs: dict, tokenizer: Tokenizer, run: Path):
         world = World(0, 1, 0, torch.device("cpu"))
-        self.cfg = _rollout_batch(cfg, world)
+        self.cfg = dataclasses.replace(cfg, rlvr=dataclasses.replace(
+            cfg.rlvr, train=rollout_table(cfg.rlvr.train, world, cfg.parallel.data)))
         configure_kernels(self.cfg)
         train = self.cfg.rlvr.train
         model = from_pretrained(checkpoint, dtype=torch.float32)
@@ -166,14 +168,14 @@ class _N3Step:
 
         self.backend.rollout = keep
         self.forward_tokens = 0
-        pack = rlvr_stage._micro_batches
+        pack = rlvr_stage.rank_micro_batches
 
         def counted(*a, **k):  # positions through the learner's forward: packed rows, padding included
             batches = pack(*a, **k)
             self.forward_tokens = sum(mb.input_ids.numel() for mb in batches)
             return batches
 
-        rlvr_stage._micro_batches = counted
+        rlvr_stage.rank_micro_batches = counted
 
     def __call__(self, step: int) -> dict:
         n = self.cfg.rlvr.prompts_per_step

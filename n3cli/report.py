@@ -216,3 +216,34 @@ def print_rlvr(result) -> None:
     console.print(table)
     if result.before is not None and result.after is not None:
         print_task_change(result.before, result.after)
+
+
+def print_mopd(result) -> None:
+    """The end of `n3 mopd`: the teachers, the reverse KL per domain, and per domain the student's held-out accuracy
+    before and after against its teacher's."""
+    last = result.last or {}
+    table = Table(title=f"MOPD: {result.student} -> {result.run}", show_header=False, show_edge=False)
+    table.add_column(justify="left")
+    table.add_column(justify="right")
+    for domain, source in result.teachers.items():
+        table.add_row(f"{domain} teacher", source)
+    table.add_row("steps", f"{result.steps} in {result.seconds:.0f} s")
+    kl = {k.removeprefix("reverse_kl/"): v for k, v in last.items() if k.startswith("reverse_kl/")}
+    if kl:
+        table.add_row("reverse KL, last step", ", ".join(f"{d} {v:.3f}" for d, v in kl.items()))
+    if "seconds" in last:
+        table.add_row("time per step", ", ".join(f"{k} {v:.1f} s" for k, v in last["seconds"].items()))
+    table.add_row("checkpoint", str(result.checkpoint))
+    console.print(table)
+    if result.before is None or result.after is None:
+        return
+    rows = Table("domain", "reasoning", "student before", "teacher", "student after", "after / teacher",
+                 title="Held-out accuracy against each domain's teacher", show_edge=False)
+    for after in result.after.results:
+        before = result.before.get(after.domain, after.reasoning)
+        teacher = result.teacher_accuracy.get(after.domain)
+        own = teacher.get(after.domain, after.reasoning) if teacher else None
+        share = f"{after.accuracy / own.accuracy:.0%}" if own and own.accuracy else "-"
+        rows.add_row(after.domain, after.reasoning, f"{before.accuracy:.1%}" if before else "-",
+                     f"{own.accuracy:.1%}" if own else "-", f"{after.accuracy:.1%}", share)
+    console.print(rows)

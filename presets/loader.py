@@ -259,8 +259,10 @@ def _model_config(table: dict, source: str) -> ModelConfig:
 def _check_plan(cfg: RunConfig) -> None:
     """Cross-field checks between the run plan and the model, named after the preset."""
     parallel, model = cfg.parallel, cfg.model
-    for name in ("parallel", "sft", "sft.lora", "sft.train", "rlvr", "rlvr.train"):
+    for name in ("parallel", "sft", "sft.lora", "sft.train", "rlvr", "rlvr.train", "mopd", "mopd.train"):
         _check_floors(cfg, name)
+    if cfg.mopd.warmup.steps:  # 0 steps: no warmup, and the rest of its table is not used
+        _check_floors(cfg, "mopd.warmup")
     check_train(cfg, "train")
     for key in ("reasoning_off", "reasoning_truncated", "val_fraction"):
         if getattr(cfg.sft, key) > 1:

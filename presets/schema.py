@@ -25,6 +25,10 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "rlvr.advantage": ("grpo", "dr_grpo", "loo"),
     "rlvr.normalisation": ("token", "sequence"),
     "rlvr.isolation": ("auto", "namespaces", "process"),
+    "mopd.isolation": ("auto", "namespaces", "process"),
+    "mopd.train.decay_shape": ("linear", "cosine", "sqrt"),
+    "mopd.warmup.decay_shape": ("linear", "cosine", "sqrt"),
+    "mopd.behaviour_correction": ("cap", "mask"),
     "serve.dtype": ("auto", "fp32", "bf16"),
     "serve.ssm_cache_dtype": ("fp32", "bf16", "fp16"),
 }
@@ -274,6 +278,75 @@ class RLVRConfig:
     """Steps between held-out evaluations during the run (mean accuracy, reasoning on); 0: before and after only."""
 
 
+def _mopd_train() -> TrainConfig:
+    """MOPD's optimisation defaults: Nemotron 3 Ultra's (lr 2e-6 held constant, one optimizer step per rollout
+    batch, main head only), on rows of 4096 tokens that samples are packed into. As for RLVR, the rollouts make the
+    batch: global_batch_size, mtp_* and eval_sequences of this table are not used."""
+    return TrainConfig(seq_len=4096, micro_batch_size=1, global_batch_size=1, steps=200, lr=2e-6, min_lr=2e-6,
+                       warmup_steps=0, decay_fraction=0.0, adam_beta2=0.999, weight_decay=0.0, mtp_depths=0,
+                       checkpoint_interval=50, keep_checkpoints=2)
+
+
+def _mopd_warmup() -> TrainConfig:
+    """The warmup SFT on the teachers' replies: short, at a constant SFT learning rate, no MTP loss."""
+    return TrainConfig(seq_len=4096, micro_batch_size=1, global_batch_size=16, steps=20, lr=5e-6, min_lr=5e-6,
+                       warmup_steps=0, decay_fraction=0.0, mtp_depths=0, eval_interval=1000, checkpoint_interval=1000,
+                       keep_checkpoints=1)
+
+
+@dataclass
+class MOPDConfig:
+    """`n3 mopd`: multi-teacher on-policy distillation (REFERENCE.md section 4): each domain's teacher scores the
+    student's own samples token by token; decoupled PPO with a bounded-staleness asynchronous pipeline."""
+
+    train: TrainConfig = field(default_factory=_mopd_train)
+    """The distillation's optimisation table (steps per cycle, one per rollout batch; lr; seq_len of packed rows)."""
+    warmup: TrainConfig = field(default_factory=_mopd_warmup)
+    """The warmup SFT's table (steps: --warmup-steps, per cycle; 0 skips the warmup)."""
+    envs: list[str] = field(default_factory=lambda: ["math", "code", "instructions"])
+    """The domains' prompts, as rlvr.envs; each needs a teacher."""
+    weights: list[float] = field(default_factory=list)
+    """Each domain's weight lambda: its share of the prompts, in the order of envs; empty: equal."""
+    teachers: list[str] = field(default_factory=list)
+    """DOMAIN=SOURCE, SOURCE a checkpoint (scored in this process) or an OpenAI-compatible server's URL (prompt
+    log-probs through /v1/completions with echo); empty: the newest `n3 rlvr --env DOMAIN` run of each domain."""
+    prompts_per_step: int = 64
+    """Prompts per rollout batch (Ultra: 1024)."""
+    group_size: int = 1
+    """Samples per prompt (Ultra: 1: the teacher's token-level signal needs no group baseline)."""
+    max_tokens: int = 1024
+    reasoning: bool = True
+    max_thinking_tokens: int = field(default=0, metadata={"min": 0})
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = field(default=0, metadata={"min": 0})
+    clip: float = 0.2
+    """The surrogate's clip: r_t in [1 - clip, 1 + clip]."""
+    behaviour_cap: float = 5.0
+    """The behaviour correction c_t = pi_prox / pi_behav is capped here (AReaL: 5)."""
+    behaviour_correction: str = "cap"
+    """cap: c_t = min(c_t, behaviour_cap) | mask: tokens whose c_t exceeds the cap take no loss."""
+    orm_weight: float = field(default=0.0, metadata={"min": 0})
+    """Outcome-reward mixing: this times the environment's reward, less the step's mean for the domain, is added to
+    every token's advantage; 0: the teachers' signal alone."""
+    max_staleness: int = field(default=2, metadata={"min": 0})
+    """Policy versions a rollout's behaviour policy may lag the learner (AReaL: 2-8); 0 is synchronous."""
+    asynchronous: bool = True
+    """Generation, teacher scoring and updates run concurrently; false runs them one after another."""
+    cycles: int = field(default=1, metadata={"min": 1})
+    """Warmup and distillation repeated with the same teachers."""
+    warmup_prompts: int = 256
+    """Prompts per domain the teachers answer for the warmup SFT (their replies the environment passes)."""
+    engine_batch: int = 128
+    """Requests the in-process engines decode together."""
+    sandbox_workers: int = 4
+    isolation: str = "auto"
+    allow_weak_isolation: bool = False
+    eval_problems: int = 100
+    """Held-out problems per domain for the accuracy of the student before and after, and of each teacher."""
+    eval_max_tokens: int = 256
+
+
 @dataclass
 class KernelConfig:
     """Backend per hot op: auto picks the fastest installed path for the device, torch forces the reference."""
@@ -323,3 +396,4 @@ class RunConfig:
     serve: ServeConfig = field(default_factory=ServeConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
     rlvr: RLVRConfig = field(default_factory=RLVRConfig)
+    mopd: MOPDConfig = field(default_factory=MOPDConfig)

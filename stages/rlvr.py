@@ -25,28 +25,28 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-from stages.envs.environments import Environment, TaskEnvironment, blend_prompts, load_environments
+from stages.envs.environments import Environment, TaskEnvironment, blend_prompts, load_environments, stage_seed
 from stages.envs.sandbox import Runner
 from stages.runtime.plots import plot_curves
 
-from model.checkpoint import config_from_hf, from_pretrained, read_config, save_pretrained
+from model.checkpoint import config_from_hf, from_pretrained, read_config
 from model.errors import UserError
 from presets import check_train
 from presets.schema import RunConfig
 from stages.envs.suite import SuiteAccuracy, accuracy_before, checkpoint_accuracy, evaluate_suite, suite_problems
-from stages.rollout.backend import Backend, engine_backend
-from stages.rollout.batches import PolicyMicroBatch, pack_trajectories
+from stages.rollout.backend import Backend, engine_backend, step_seed
+from stages.rollout.batches import rank_micro_batches
 from stages.rollout.client import EndpointBackend
-from stages.rollout.groups import GroupSettings, GroupStats, env_means, score_groups, trajectories
+from stages.rollout.groups import GroupSettings, GroupStats, gather_env_means, score_groups, trajectories
 from stages.rollout.learner import (
     PolicyLossSettings,
     PolicyObjective,
     Sampling,
     accumulate_policy_gradients,
     learner_logprobs,
+    rollout_table,
 )
-from stages.rollout.losses import token_weights
+from stages.rollout.weights import load_policy, policy_weights
 from stages.runtime import distributed
 from stages.runtime.checkpointing import (
     latest_resumable,
@@ -96,7 +96,8 @@ def rlvr(cfg: RunConfig, run: Path, checkpoint: Path | None, resume: bool = Fals
     run folder. Collective under torchrun; returns the result on rank 0, None elsewhere."""
     progress = progress or Quiet()
     world = distributed.setup(cfg)
-    cfg = _rollout_batch(cfg, world)
+    cfg = dataclasses.replace(cfg, rlvr=dataclasses.replace(
+        cfg.rlvr, train=rollout_table(cfg.rlvr.train, world, cfg.parallel.data)))
     rl, train = cfg.rlvr, cfg.rlvr.train
     distributed.check_layout(cfg, world, train)
     configure_kernels(cfg)
@@ -130,7 +131,7 @@ def rlvr(cfg: RunConfig, run: Path, checkpoint: Path | None, resume: bool = Fals
         start_step = trainer["step"]
         progress.note(f"resuming {run} from step {start_step} ({path.name})")
     backend = _backend(cfg, source, world, progress)
-    plan = blend_prompts(envs, rl.weights, rl.prompts_per_step * train.steps, "train", train.seed)
+    plan = blend_prompts(envs, rl.weights, rl.prompts_per_step * train.steps, "train", stage_seed(STAGE, train.seed))
 
     log = MetricsLog(Path(run) / "metrics.jsonl", resume_step=start_step or None) if world.is_main else None
     progress.start("RL steps", total=train.steps, completed=start_step)
@@ -168,15 +169,6 @@ def rlvr(cfg: RunConfig, run: Path, checkpoint: Path | None, resume: bool = Fals
     return out
 
 
-def _rollout_batch(cfg: RunConfig, world: World) -> RunConfig:
-    """RL's batch is what the rollouts make, not rlvr.train.global_batch_size: the table's is set to one micro-batch
-    per rank, which the checks of an optimisation table then accept."""
-    train = cfg.rlvr.train
-    per_step = train.micro_batch_size * world.size * cfg.parallel.data
-    return dataclasses.replace(cfg, rlvr=dataclasses.replace(
-        cfg.rlvr, train=dataclasses.replace(train, global_batch_size=per_step)))
-
-
 def rl_step(cfg: RunConfig, step: int, prompts: list, envs: dict[str, Environment], backend: Backend, objective,
             optimizer, reference, world: World, run: Path, pad_id: int) -> dict:
     """One rollout batch and its updates; returns the step's metrics record (on every rank: the global figures)."""
@@ -185,7 +177,7 @@ def rl_step(cfg: RunConfig, step: int, prompts: list, envs: dict[str, Environmen
     times, tick = {}, time.perf_counter()
     rollouts = backend.rollout(
         [p.messages for p in prompts], rl.max_tokens, n=rl.group_size, temperature=rl.temperature, top_p=rl.top_p,
-        top_k=rl.top_k, max_thinking_tokens=rl.max_thinking_tokens or None, seed=_seed(train.seed, step, world),
+        top_k=rl.top_k, max_thinking_tokens=rl.max_thinking_tokens or None, seed=step_seed(train.seed, step, world.rank),
         enable_thinking=rl.reasoning,
     ) if prompts else []
     times["generate"], tick = time.perf_counter() - tick, time.perf_counter()
@@ -194,7 +186,8 @@ def rl_step(cfg: RunConfig, step: int, prompts: list, envs: dict[str, Environmen
     times["score"], tick = time.perf_counter() - tick, time.perf_counter()
     kept, stats = trajectories(groups, GroupSettings(rl.advantage, rl.filter_zero_variance, rl.overlong_buffer,
                                                      rl.max_tokens))
-    micro_batches = _micro_batches(kept, cfg, world, pad_id)
+    micro_batches = rank_micro_batches(kept, rl.normalisation, train.seq_len, train.micro_batch_size, world,
+                                      pad_id)
     if rl.updates_per_batch > 1:
         learner_logprobs(objective, micro_batches, sampling, cfg.precision.compute, world)
     times["logprobs"], tick = time.perf_counter() - tick, time.perf_counter()
@@ -207,21 +200,10 @@ def rl_step(cfg: RunConfig, step: int, prompts: list, envs: dict[str, Environmen
                                                    world, reference)
         update["grad_norm"] = apply_gradients(objective, optimizer, train, load)
         update["lr"] = lr
-    _send_weights(backend, objective, step + 1, run)
+    load_policy(backend, policy_weights(objective, backend, run / "rollout-weights", step + 1), step + 1)
     times["update"] = time.perf_counter() - tick
     times["step"] = sum(times.values())
     return _record(step + 1, stats, rollouts, update, times, world)
-
-
-def _micro_batches(kept: list, cfg: RunConfig, world: World, pad_id: int) -> list[PolicyMicroBatch]:
-    """This rank's packed micro-batches, as many on every rank (empty ones where a rank has fewer), with each
-    token's weight in the global batch's loss."""
-    rl, train = cfg.rlvr, cfg.rlvr.train
-    tokens, sequences = world.all_reduce(torch.tensor([float(sum(t.trained_tokens for t in kept)), float(len(kept))]))
-    weights = [token_weights([t.trained_tokens], rl.normalisation, int(tokens), int(sequences)) for t in kept]
-    batches = pack_trajectories(kept, weights, train.seq_len, train.micro_batch_size, pad_id)
-    most = int(world.max(max(1, len(batches))))
-    return batches + [PolicyMicroBatch.empty(train.seq_len, pad_id) for _ in range(most - len(batches))]
 
 
 def _record(step: int, stats: GroupStats, rollouts: list, update: dict, times: dict, world: World) -> dict:
@@ -229,7 +211,7 @@ def _record(step: int, stats: GroupStats, rollouts: list, update: dict, times: d
     generated = sum(len(r.token_ids) for group in rollouts for r in group)
     totals = world.all_reduce(torch.tensor([float(generated), float(stats.groups), float(stats.zero_variance),
                                             float(stats.errors)]))
-    per_env = _gather_env_stats(stats.per_env, world)
+    per_env = gather_env_means(stats.per_env, world)
     samples = max(1, sum(row["samples"] for row in per_env.values()))
     record = {
         "step": step,
@@ -244,34 +226,6 @@ def _record(step: int, stats: GroupStats, rollouts: list, update: dict, times: d
         "seconds": times,
     }
     return record
-
-
-def _gather_env_stats(per_env: dict[str, dict[str, float]], world: World) -> dict[str, dict[str, float]]:
-    """Per-environment means over every rank's samples."""
-    gathered: list = [per_env]
-    if world.distributed:
-        gathered = [None] * world.size
-        torch.distributed.all_gather_object(gathered, per_env)
-    return env_means(gathered)
-
-
-def _seed(seed: int, step: int, world: World) -> int:
-    """The sampling seed of a step's rollouts on a rank: the same on resume."""
-    return (seed * 1_000_003 + step) * 1024 + world.rank
-
-
-def _send_weights(backend: Backend, objective, version: int, run: Path) -> None:
-    """The new weights to whatever generates: in place into the in-process engine; to a server as a checkpoint
-    folder it reloads (run/rollout-weights, rewritten atomically every step)."""
-    model = distributed.unwrap(objective).model
-    if isinstance(backend, EndpointBackend):
-        path = Path(run).resolve() / "rollout-weights"
-        save_pretrained(model, path)
-        backend.update_weights(path)
-        return
-    # Gathered whole (FSDP2 holds shards), as the objective names them: "model." + the model's own names.
-    state = get_model_state_dict(objective, options=StateDictOptions(full_state_dict=True))
-    backend.engine.load_weights({k.removeprefix("model."): v.detach() for k, v in state.items()}, version)
 
 
 def _backend(cfg: RunConfig, source: Path, world: World, progress: Progress) -> Backend:

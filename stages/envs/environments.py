@@ -23,6 +23,7 @@ import os
 import random
 import sys
 import time
+import zlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -242,6 +243,13 @@ def blend_prompts(envs: Mapping[str, Environment], weights: Sequence[float], cou
     prompts = [prompt for env, share in zip(envs.values(), shares) if share for prompt in env.prompts(split, share, seed)]
     random.Random(f"blend/{split}/{seed}").shuffle(prompts)
     return prompts
+
+
+def stage_seed(stage: str, seed: int) -> int:
+    """A stage's own seed for drawing training prompts. `n3 sft` draws the built-in tasks' problems with the run seed
+    itself; a later stage that draws with this one trains on problems SFT did not, where a task's space holds more
+    than SFT drew (RL on the very problems SFT fitted teaches the held-out ones little)."""
+    return zlib.crc32(f"{stage}/{seed}".encode())
 
 
 def _shares(weights: list[float], count: int) -> list[int]:

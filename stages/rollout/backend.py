@@ -77,6 +77,11 @@ def rollout_seed(seed: int, conversation: int) -> int:
     return random.Random(f"{seed}/{conversation}").getrandbits(62)
 
 
+def step_seed(seed: int, step: int, rank: int) -> int:
+    """The sampling seed of a training step's rollouts on a rank: the same on resume."""
+    return (seed * 1_000_003 + step) * 1024 + rank
+
+
 @dataclass
 class Timing:
     """One request of a throughput run, in time.perf_counter() seconds."""

@@ -15,6 +15,8 @@ import torch
 
 from kernels.cross_entropy import IGNORE
 from stages.chat.packing import best_fit_decreasing
+from stages.rollout.losses import token_weights
+from stages.runtime.distributed import World
 
 
 @dataclass
@@ -31,6 +33,8 @@ class Trajectory:
     env: str
     group: int
     """The prompt's index in the step: the samples of one prompt share it."""
+    teacher_logp: list[float] | None = None
+    """Per reply token, a teacher's log-prob of it (distillation: the advantage is teacher - pi_prox)."""
 
     def __len__(self) -> int:
         return len(self.prompt_ids) + len(self.token_ids)
@@ -57,14 +61,18 @@ class PolicyMicroBatch:
     old_logp: torch.Tensor | None = None
     """(rows, seq_len) fp32, the learner's log-probs before the batch's first update; None: on-policy (the current
     forward's, detached)."""
+    teacher_logp: torch.Tensor | None = None
+    """(rows, seq_len) fp32 at the target positions, when the trajectories carry a teacher's log-probs: each token's
+    advantage is then `advantages` + teacher_logp - old_logp."""
 
     @classmethod
-    def empty(cls, seq_len: int, pad_id: int, rows: int = 1) -> PolicyMicroBatch:
+    def empty(cls, seq_len: int, pad_id: int, rows: int = 1, teacher: bool = False) -> PolicyMicroBatch:
         """Rows of padding that train nothing: what packing fills in, and what a rank short of rows runs so that
-        ranks stay in step."""
+        ranks stay in step (with a teacher_logp field where the step distills)."""
         shape = (rows, seq_len)
         return cls(torch.full(shape, pad_id, dtype=torch.long), torch.full(shape, IGNORE, dtype=torch.long),
-                   torch.zeros(shape, dtype=torch.long), torch.zeros(shape), torch.zeros(shape), torch.zeros(shape))
+                   torch.zeros(shape, dtype=torch.long), torch.zeros(shape), torch.zeros(shape), torch.zeros(shape),
+                   teacher_logp=torch.zeros(shape) if teacher else None)
 
     def gather(self, field: torch.Tensor) -> torch.Tensor:
         """A per-token field at the trained positions, flattened in row-major order (as the learner's log-probs)."""
@@ -83,7 +91,7 @@ def pack_trajectories(
     batches = []
     for start in range(0, len(rows), rows_per_micro):
         chunk = rows[start : start + rows_per_micro]
-        batch = PolicyMicroBatch.empty(seq_len, pad_id, len(chunk))
+        batch = PolicyMicroBatch.empty(seq_len, pad_id, len(chunk), teacher=trajectories[0].teacher_logp is not None)
         for r, row in enumerate(chunk):
             offset = 0
             for document, i in enumerate(row):
@@ -108,4 +116,17 @@ def _place(batch: PolicyMicroBatch, row: int, offset: int, document: int, t: Tra
     batch.advantages[row, positions] = t.advantage
     batch.behaviour_logp[row, positions] = torch.tensor(t.behaviour_logp)[trained]
     batch.weights[row, positions] = weights
+    if batch.teacher_logp is not None:
+        batch.teacher_logp[row, positions] = torch.tensor(t.teacher_logp)[trained]
     return end
+
+
+def rank_micro_batches(kept: list[Trajectory], normalisation: str, seq_len: int, rows_per_micro: int, world: World,
+                       pad_id: int, teacher: bool = False) -> list[PolicyMicroBatch]:
+    """This rank's trajectories packed into micro-batches, as many on every rank (empty ones where a rank has fewer),
+    with each token's weight in the global batch's loss (losses.token_weights; collective under torchrun)."""
+    tokens, sequences = world.all_reduce(torch.tensor([float(sum(t.trained_tokens for t in kept)), float(len(kept))]))
+    weights = [token_weights([t.trained_tokens], normalisation, int(tokens), int(sequences)) for t in kept]
+    batches = pack_trajectories(kept, weights, seq_len, rows_per_micro, pad_id)
+    most = int(world.max(max(1, len(batches))))
+    return batches + [PolicyMicroBatch.empty(seq_len, pad_id, teacher=teacher) for _ in range(most - len(batches))]

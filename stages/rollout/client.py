@@ -148,6 +148,12 @@ class EndpointBackend(Backend):
 
         return self._map(one, sequences)
 
+    def spell(self, ids: list[int]) -> list[str]:
+        """How the server writes each of these token ids (its echo of them as a prompt): a check that it shares a
+        tokenizer."""
+        choice = self._complete({"prompt": ids, "max_tokens": 1, "echo": True, "logprobs": 0, "temperature": 0})
+        return ((choice.get("logprobs") or {}).get("tokens") or [])[: len(ids)]
+
     def timed(self, prompts, max_tokens, concurrency):
         def one(ids: list[int]) -> Timing:
             body = {"model": self.model, "prompt": ids, "max_tokens": max_tokens, "temperature": 0, "stream": True,

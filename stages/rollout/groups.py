@@ -19,6 +19,7 @@ from stages.envs.base import Score
 from stages.rollout.backend import Rollout
 from stages.rollout.batches import Trajectory
 from stages.rollout.losses import group_advantages, overlong_penalty
+from stages.runtime.distributed import World
 
 
 @dataclass
@@ -100,12 +101,22 @@ def _count(stats: GroupStats, samples: list[Scored]) -> None:
 
 
 def env_means(per_env: list[dict[str, dict[str, float]]]) -> dict[str, dict[str, float]]:
-    """Per environment, the means over the samples of several GroupStats.per_env (one per rank), and the samples."""
+    """Per environment, over several GroupStats.per_env (one per rank): the means over the samples of MEANS, and
+    every other key (samples included) summed."""
     totals: dict[str, dict[str, float]] = {}
     for part in per_env:
         for env, row in part.items():
-            into = totals.setdefault(env, dict.fromkeys(("samples", *MEANS), 0.0))
+            into = totals.setdefault(env, {})
             for key, value in row.items():
-                into[key] += value
-    return {env: {key: row[key] / max(1.0, row["samples"]) for key in MEANS} | {"samples": row["samples"]}
+                into[key] = into.get(key, 0.0) + value
+    return {env: {key: value / max(1.0, row["samples"]) if key in MEANS else value for key, value in row.items()}
             for env, row in totals.items()}
+
+
+def gather_env_means(per_env: dict[str, dict[str, float]], world: World) -> dict[str, dict[str, float]]:
+    """env_means over every rank's GroupStats.per_env (collective under torchrun)."""
+    gathered: list = [per_env]
+    if world.distributed:
+        gathered = [None] * world.size
+        torch.distributed.all_gather_object(gathered, per_env)
+    return env_means(gathered)

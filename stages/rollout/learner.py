@@ -13,6 +13,7 @@ global batch, so the summed gradients equal one process's over all the rows.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -24,6 +25,7 @@ from model.hybrid import NemotronH
 from stages.rollout.batches import PolicyMicroBatch
 from stages.rollout.losses import clipped_policy_loss
 from stages.runtime import distributed
+from presets.schema import TrainConfig
 from stages.runtime.distributed import World
 from stages.runtime.losses import expert_load, moe_layers
 
@@ -42,8 +44,17 @@ class PolicyLossSettings:
     clip_low: float = 0.2
     clip_high: float = 0.28
     tis_cap: float = 0.0
-    """Truncated importance sampling against the engine's log-probs, min(pi_old / pi_engine, cap); 0: off."""
+    """The behaviour correction pi_old / pi_engine against the engine's log-probs, capped here; 0: off."""
     kl_coeff: float = 0.0
+    tis_mode: str = "cap"
+    """cap: min(correction, tis_cap) (truncated importance sampling) | mask: the correction, and no loss where it
+    exceeds tis_cap."""
+
+
+def rollout_table(train: TrainConfig, world: World, data_parallel: int) -> TrainConfig:
+    """A policy-gradient stage's optimisation table with its batch made by the rollouts, not global_batch_size: that
+    is set to one micro-batch per rank, which the checks of an optimisation table then accept."""
+    return dataclasses.replace(train, global_batch_size=train.micro_batch_size * world.size * data_parallel)
 
 
 class PolicyObjective(nn.Module):
@@ -110,11 +121,17 @@ def accumulate_policy_gradients(
             logp = out["logp"]
             old = logp.detach() if mb.old_logp is None else mb.gather(mb.old_logp)
             ref = reference_logprobs(reference, mb, sampling) if reference is not None else None
+            advantages = mb.gather(mb.advantages)
+            if mb.teacher_logp is not None:  # distillation: A_t = sg[log pi_teacher - log pi_prox]
+                teacher = mb.gather(mb.teacher_logp)
+                advantages = advantages + teacher - old
             # Data-parallel wrappers average gradients over ranks: multiply by the world to keep the global sum.
             loss, step_sums = clipped_policy_loss(
-                logp, old, mb.gather(mb.advantages), mb.gather(mb.weights) * world.size, losses.clip_low,
-                losses.clip_high, mb.gather(mb.behaviour_logp), losses.tis_cap, ref, losses.kl_coeff,
+                logp, old, advantages, mb.gather(mb.weights) * world.size, losses.clip_low, losses.clip_high,
+                mb.gather(mb.behaviour_logp), losses.tis_cap, ref, losses.kl_coeff, losses.tis_mode,
             )
+            if mb.teacher_logp is not None:
+                step_sums["reverse_kl"] = (old - teacher).sum().detach().float()
             loss.backward()
         step_sums["entropy"] = out["entropy"].sum()
         step_sums["loss"] = loss.detach() / world.size

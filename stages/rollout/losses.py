@@ -22,6 +22,8 @@ ADVANTAGES = ("grpo", "dr_grpo", "loo")
 NORMALISATIONS = ("token", "sequence")
 """Token-mean over the global batch (DAPO, TRL `dapo`, verl `token-mean`), or the mean over sequences of each
 sequence's token-mean (GRPO's original form)."""
+TIS_MODES = ("cap", "mask")
+"""How the behaviour correction meets its cap: truncated (TIS, AReaL) or the token left out of the loss."""
 
 
 def group_advantages(rewards: torch.Tensor, kind: str = "grpo", eps: float = 1e-6) -> torch.Tensor:
@@ -58,11 +60,15 @@ def overlong_penalty(length: int, max_tokens: int, buffer: int) -> float:
 def clipped_policy_loss(
     logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, weights: torch.Tensor,
     clip_low: float = 0.2, clip_high: float = 0.28, behaviour_logp: torch.Tensor | None = None,
-    tis_cap: float = 0.0, ref_logp: torch.Tensor | None = None, kl_coeff: float = 0.0,
+    tis_cap: float = 0.0, ref_logp: torch.Tensor | None = None, kl_coeff: float = 0.0, tis_mode: str = "cap",
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """The weighted sum over tokens of -min(r A, clip(r, 1 - clip_low, 1 + clip_high) A) (x the TIS weight when
-    tis_cap > 0) + kl_coeff x k3(ref || theta); r = exp(logp - old_logp). Returns (loss to backpropagate, sums):
-    the sums (detached, over these tokens) of what the step's metrics are made of; divide by `tokens`."""
+    """The weighted sum over tokens of -min(r A, clip(r, 1 - clip_low, 1 + clip_high) A) (x the behaviour
+    correction c = pi_old / pi_behaviour when tis_cap > 0: min(c, tis_cap) with tis_mode "cap", or c where c <=
+    tis_cap and 0 above with "mask") + kl_coeff x k3(ref || theta); r = exp(logp - old_logp). Returns (loss to
+    backpropagate, sums): the sums (detached, over these tokens) of what the step's metrics are made of; divide by
+    `tokens`."""
+    if tis_mode not in TIS_MODES:
+        raise ValueError(f"tis_mode must be one of {', '.join(TIS_MODES)}, got {tis_mode!r}")
     ratio = torch.exp(logp - old_logp)
     clipped = ratio.clamp(1 - clip_low, 1 + clip_high)
     surrogate = torch.minimum(ratio * advantages, clipped * advantages)
@@ -74,7 +80,10 @@ def clipped_policy_loss(
         sums["token_mult_prob_error"] = gap.abs().exp().sum()
         sums["mismatch_kl"] = k3(gap).sum()  # KL(behaviour || learner) from the behaviour's samples
         if tis_cap > 0:
-            per_token = per_token * gap.exp().clamp(max=tis_cap)
+            correction = gap.exp()
+            above = correction > tis_cap
+            sums["behaviour_masked"] = above.sum().float()
+            per_token = per_token * (correction.clamp(max=tis_cap) if tis_mode == "cap" else correction * ~above)
     if ref_logp is not None and kl_coeff > 0:
         kl = k3(ref_logp - logp)
         per_token = per_token + kl_coeff * kl

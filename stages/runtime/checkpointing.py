@@ -18,7 +18,7 @@ import contextlib
 import json
 import shutil
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -96,12 +96,13 @@ def stage_of(checkpoint: Path) -> str | None:
     return trainer.get("stage", "pretrain" if "corpus" in trainer else None)
 
 
-def newest_run(root: Path, stage: str) -> Path | None:
-    """The run folder under `root` whose newest checkpoint `stage` wrote, written last; None if there is none."""
+def newest_run(root: Path, stage: str, accept: Callable[[Path], bool] | None = None) -> Path | None:
+    """The run folder under `root` whose newest checkpoint `stage` wrote (and that `accept(run)` accepts), written
+    last; None if there is none."""
     runs = []
     for run in Path(root).glob("*/checkpoints"):
         steps = sorted(step for step in run.glob("step-*") if (step / "config.json").is_file())
-        if steps and stage_of(steps[-1]) == stage:
+        if steps and stage_of(steps[-1]) == stage and (accept is None or accept(run.parent)):
             runs.append((steps[-1].stat().st_mtime, run.parent))
     return max(runs)[1] if runs else None
 
