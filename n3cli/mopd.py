@@ -26,7 +26,8 @@ def run(
                        "OpenAI-compatible server that returns prompt log-probs (n3 serve, vLLM). Repeatable. "
                        "Default: the newest `n3 rlvr --env DOMAIN` run of each domain.")] = None,
     env: Annotated[list[str] | None, typer.Option("--env", "-e", metavar="ENV", help="A domain's prompts: math, code "
-                   "or instructions (with levels, e.g. code:3-4), DOMAIN=FILE.jsonl, or package.module:Class. "
+                   "or instructions (with levels, e.g. code:3-4; a bare domain takes mopd.envs' levels), "
+                   "DOMAIN=FILE.jsonl, or package.module:Class. "
                    "Repeatable. Default: mopd.envs (every built-in domain).")] = None,
     weight: Weights = None,
     warmup_steps: Annotated[int | None, typer.Option(min=0, help="SFT steps on the teachers' replies before each "
@@ -54,7 +55,9 @@ def run(
     if resume:
         cfg = resumed_preset(run_dir, preset, sets)
     md = cfg.mopd
-    md.envs = env or md.envs
+    from stages.envs.environments import load_environments, weights_by_name, with_preset_levels
+
+    md.envs = with_preset_levels(env, md.envs) if env else md.envs
     if warmup_steps is not None:
         md.warmup.steps = warmup_steps
     if cycles is not None:
@@ -65,8 +68,6 @@ def run(
         if max_staleness < 0:
             raise UserError(f"--max-staleness must be at least 0, got {max_staleness}")
         md.max_staleness = max_staleness
-    from stages.envs.environments import load_environments, weights_by_name
-
     envs = load_environments(md.envs, md.weights)
     if weight:
         md.weights = weights_by_name(envs, parse_weights(weight))

@@ -34,8 +34,8 @@ app = typer.Typer()
 Envs = Annotated[
     list[str] | None,
     typer.Option("--env", "-e", metavar="ENV", help="An environment to train on: math, code or instructions (with "
-                 "levels, e.g. code:3-4), DOMAIN=FILE.jsonl, or package.module:Class. Repeatable. Default: "
-                 "rlvr.envs (every built-in domain)."),
+                 "levels, e.g. code:3-4; a bare domain takes the levels rlvr.envs gives it), DOMAIN=FILE.jsonl, or "
+                 "package.module:Class. Repeatable. Default: rlvr.envs (every built-in domain)."),
 ]
 
 
@@ -68,7 +68,10 @@ def rlvr(
         run_dir = out or Path("runs") / f"{cfg.name}-rlvr"
         cfg = resumed_preset(run_dir, preset, sets)
     # Set on the config itself, not through --set: paths and URLs may hold the commas a --set list splits at.
-    cfg.rlvr.envs = env or cfg.rlvr.envs
+    if env:
+        from stages.envs.environments import with_preset_levels
+
+        cfg.rlvr.envs = with_preset_levels(env, cfg.rlvr.envs)
     cfg.rlvr.server = server or cfg.rlvr.server
     cfg.rlvr.allow_weak_isolation = allow_weak_isolation or cfg.rlvr.allow_weak_isolation
     names = list(cfg.rlvr.envs)

@@ -333,6 +333,9 @@ class MOPDConfig:
     """Policy versions a rollout's behaviour policy may lag the learner (AReaL: 2-8); 0 is synchronous."""
     asynchronous: bool = True
     """Generation, teacher scoring and updates run concurrently; false runs them one after another."""
+    stage_threads: int = field(default=0, metadata={"min": 0})
+    """On a CPU, the intra-op threads of each concurrent stage; 0: half of torch's threads (two busy stages share
+    the cores instead of oversubscribing them)."""
     cycles: int = field(default=1, metadata={"min": 1})
     """Warmup and distillation repeated with the same teachers."""
     warmup_prompts: int = 256

@@ -36,6 +36,7 @@ from presets import check_train
 from presets.schema import RunConfig
 from stages.chat.data import ChatDataOptions, build_chat_data
 from stages.chat.packing import PackedChatBatches
+from stages.chat.reasoning import ReasoningMix
 from stages.chat.sources import ChatSource
 from stages.envs.environments import Environment, TaskEnvironment, blend_prompts, load_environments, stage_seed
 from stages.envs.sandbox import Runner
@@ -50,6 +51,7 @@ from stages.rollout.learner import (
     accumulate_policy_gradients,
     rollout_table,
 )
+from stages.rollout.losses import outcome_advantages
 from stages.rollout.pipeline import Mailbox, run_pipeline
 from stages.rollout.teachers import Teacher, load_teacher
 from stages.rollout.weights import load_policy, policy_weights
@@ -207,7 +209,10 @@ def _warmup(cfg: RunConfig, cycle: int, start: Path, teachers: dict[str, Teacher
     if world.is_main and not (data / "done").is_file():
         _teacher_replies(cfg, cycle, teachers, envs, data, progress)
     world.barrier()
-    chat = build_chat_data(tokenizer, ChatDataOptions(seq_len=warm.seq_len, seed=warm.seed),
+    # SFT's mix of reasoning modes: the warmup does not unteach answering without a thought.
+    options = ChatDataOptions(seq_len=warm.seq_len, seed=warm.seed,
+                              reasoning=ReasoningMix(cfg.sft.reasoning_off, cfg.sft.reasoning_truncated))
+    chat = build_chat_data(tokenizer, options,
                            [ChatSource(name, data / f"{name}.jsonl", weight)
                             for name, weight in zip(envs, md.weights or [1.0] * len(envs))], progress=progress)
     model = from_pretrained(start, dtype=torch.float32, device=world.device)
@@ -295,8 +300,11 @@ def _distill(cfg: RunConfig, cycle: int, start: Path, teachers: dict[str, Teache
     log = MetricsLog(run / "metrics.jsonl", resume_step=step0 or None) if world.is_main else None
     progress.start(f"cycle {cycle}: distillation", total=last - first, completed=step0 - first)
     record = None
+    threads = None
+    if md.asynchronous and world.device.type == "cpu":
+        threads = md.stage_threads or max(1, torch.get_num_threads() // 2)
     for record in run_pipeline(range(step0, last), distiller.generate, distiller.score, distiller.learn,
-                               md.max_staleness, md.asynchronous):
+                               md.max_staleness, md.asynchronous, threads):
         if log is not None:
             log.write(record | {"cycle": cycle})
         distiller.checkpoint(record["step"])
@@ -347,13 +355,12 @@ class Distiller:
             if not mine:
                 continue
             teacher = self.teachers[name].logprobs([(s.rollout.prompt_ids, s.rollout.token_ids) for s in mine])
-            mean_reward = sum(s.score.reward for s in mine) / len(mine)
+            outcome = outcome_advantages(torch.tensor([s.score.reward for s in mine]), md.orm_weight).tolist()
             row = per_env[name] = dict.fromkeys(("samples", *MEANS, "kl", "kl_tokens"), 0.0)
-            for s, t in zip(mine, teacher):
+            for s, t, advantage in zip(mine, teacher, outcome):
                 r = s.rollout
                 trained = [not f for f in r.forced]
-                kept.append(Trajectory(r.prompt_ids, r.token_ids, r.logprobs, trained,
-                                       md.orm_weight * (s.score.reward - mean_reward), name, s.group,
+                kept.append(Trajectory(r.prompt_ids, r.token_ids, r.logprobs, trained, advantage, name, s.group,
                                        teacher_logp=t))
                 row["samples"] += 1
                 row["reward"] += s.score.reward

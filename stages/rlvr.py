@@ -25,14 +25,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from stages.envs.environments import Environment, TaskEnvironment, blend_prompts, load_environments, stage_seed
-from stages.envs.sandbox import Runner
-from stages.runtime.plots import plot_curves
 
 from model.checkpoint import config_from_hf, from_pretrained, read_config
 from model.errors import UserError
 from presets import check_train
 from presets.schema import RunConfig
+from stages.envs.environments import Environment, TaskEnvironment, blend_prompts, load_environments, stage_seed
+from stages.envs.sandbox import Runner
 from stages.envs.suite import SuiteAccuracy, accuracy_before, checkpoint_accuracy, evaluate_suite, suite_problems
 from stages.rollout.backend import Backend, engine_backend, step_seed
 from stages.rollout.batches import rank_micro_batches
@@ -60,6 +59,7 @@ from stages.runtime.files import write_json
 from stages.runtime.loop import apply_gradients
 from stages.runtime.metrics import MetricsLog
 from stages.runtime.optim import build_optimizer, set_lr, wsd_lr
+from stages.runtime.plots import plot_curves
 from stages.runtime.progress import Progress, Quiet
 from stages.runtime.settings import chat_tokenizer, configure_kernels
 

@@ -239,3 +239,11 @@ def test_a_runaway_math_check_is_cut_off(monkeypatch):
     assert time.perf_counter() - start < 3
     monkeypatch.setattr(math_env, "STALL", 20)
     assert TASKS["math"].score({"answer": "85"}, "\\boxed{85}").passed
+
+
+def test_a_bare_domain_takes_the_levels_the_preset_gives_it():
+    from stages.envs.environments import with_preset_levels
+
+    preset = ["math:1-2", "code:3-4", "instructions"]
+    assert with_preset_levels(["math", "code:1", "instructions", "math=rows.jsonl"], preset) == [
+        "math:1-2", "code:1", "instructions", "math=rows.jsonl"]

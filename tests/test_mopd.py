@@ -92,6 +92,23 @@ def test_a_worker_error_surfaces_and_a_stale_batch_is_refused():
                           asynchronous=False))
 
 
+def test_each_stage_computes_with_its_own_threads():
+    seen = {}
+
+    def generate(step):
+        seen["generate"] = torch.get_num_threads()
+        return step, None
+
+    def learn(step, version, scored):
+        seen["learn"] = torch.get_num_threads()
+        return {}
+
+    before = torch.get_num_threads()
+    list(run_pipeline(range(2), generate, lambda step, g: seen.setdefault("score", torch.get_num_threads()), learn,
+                      max_staleness=0, threads=1))
+    assert seen == {"generate": 1, "score": 1, "learn": 1} and torch.get_num_threads() == before
+
+
 def _fns(toy: Toy):
     return toy.generate, toy.score, toy.learn
 
@@ -120,6 +137,13 @@ def test_the_advantage_is_the_teacher_less_the_proximal_policy():
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(got, expected))
     kl = (logp.detach() - batch.gather(batch.teacher_logp)).mean().item()
     assert stats["reverse_kl"] == pytest.approx(kl, abs=1e-5)
+
+
+def test_outcome_mixing_adds_the_reward_less_the_domain_mean():
+    from stages.rollout.losses import outcome_advantages
+
+    assert outcome_advantages(torch.tensor([1.0, 0.0, 0.0, 1.0]), 0.5).tolist() == [0.25, -0.25, -0.25, 0.25]
+    assert outcome_advantages(torch.tensor([1.0, 0.0]), 0.0).tolist() == [0.0, 0.0]
 
 
 def test_the_behaviour_correction_caps_or_masks():
@@ -203,13 +227,37 @@ def test_a_server_teacher_gives_the_same_logprobs_and_another_tokenizer_is_refus
         load_teacher("parity", str(checkpoint), tmp_path / "stranger", stranger, cfg, print)
 
 
+def test_the_stage_distills_from_a_teacher_on_n3_serve(base, tokenizer, tmp_path, monkeypatch):
+    """The same pipeline with the teacher behind an HTTP endpoint: the run trains, its warmup replies come from the
+    server, and the reverse KL it logs is the in-process teacher's to rounding."""
+    from model.engine import Engine, EngineConfig
+    from presets import load
+    from stages.mopd import mopd
+    from stages.serve.app import Server
+    from tests.test_serve import serving_in_process
+
+    monkeypatch.chdir(base)
+    monkeypatch.syspath_prepend(str(base))
+    checkpoint = base / "teacher"
+    server = Server("teacher", lambda: Engine(n3.from_pretrained(checkpoint), tokenizer,
+                                              EngineConfig(max_batch=8, max_len=128)), checkpoint)
+    cfg = load("cpu", [*FAST, "mopd.train.steps=2", "mopd.envs=toyenv:Parity", "mopd.max_staleness=0"])
+    with serving_in_process(server) as url:
+        remote = mopd(cfg, tmp_path / "remote", base / "student", {"parity": url})
+    mopd(cfg, tmp_path / "local", base / "student", {"parity": str(checkpoint)})
+    assert remote.teachers == {"parity": url} and remote.steps == 2
+    far, near = read_metrics(tmp_path / "remote" / "metrics.jsonl"), read_metrics(tmp_path / "local" / "metrics.jsonl")
+    assert [r["reverse_kl/parity"] for r in far] == pytest.approx([r["reverse_kl/parity"] for r in near], abs=1e-3)
+
+
 # --- the stage ------------------------------------------------------------------------------------------------------
 TEACHER = ["--env", "toyenv:Parity", "--teacher", "parity=teacher"]
 
 
 @pytest.fixture(scope="module")
 def finished(base):
-    status, out, err = run_n3(base, "mopd", "-c", "student", *TEACHER, "--out", "run", *settings())
+    status, out, err = run_n3(base, "mopd", "-c", "student", *TEACHER, "--out", "run", "--cycles", "2",
+                              *settings("mopd.train.steps=2"))
     assert status == 0, err
     return base / "run", out
 
@@ -218,22 +266,24 @@ def test_run_folder_curves_and_checkpoints(finished):
     run, out = finished
     assert "MOPD" in out and "parity teacher" in out
     records = read_metrics(run / "metrics.jsonl")
-    assert [r["step"] for r in records] == [1, 2, 3]
+    assert [(r["step"], r["cycle"]) for r in records] == [(1, 1), (2, 1), (3, 2), (4, 2)]
     for key in ("reverse_kl/parity", "reverse_kl", "reward/parity", "accuracy/parity", "length/parity",
                 "token_mult_prob_error", "staleness", "policy_version", "grad_norm", "lr", "tokens_per_s"):
         assert key in records[-1], key
     assert all(0 <= r["staleness"] <= 2 for r in records)
     assert set(records[-1]["seconds"]) == {"generate", "score", "update", "step"}
     assert (run / "reverse_kl.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert (run / "warmup-1" / "data" / "parity.jsonl").is_file()
-    warm = json.loads((run / "warmup-1" / "checkpoints" / "step-00000002" / "trainer.json").read_text())
-    assert warm["stage"] == "mopd-warmup"
-    trainer = json.loads((run / "checkpoints" / "step-00000003" / "trainer.json").read_text())
-    assert trainer["stage"] == "mopd"
+    for cycle, start in ((1, "student"), (2, "checkpoints/step-00000002")):  # each cycle warms up what came before
+        assert (run / f"warmup-{cycle}" / "data" / "parity.jsonl").is_file()
+        warm = json.loads((run / f"warmup-{cycle}" / "checkpoints" / "step-00000002" / "trainer.json").read_text())
+        assert warm["stage"] == "mopd-warmup" and warm["start"].endswith(start)
+    trainer = json.loads((run / "checkpoints" / "step-00000004" / "trainer.json").read_text())
+    assert trainer["stage"] == "mopd" and trainer["cycle"] == 2
+    assert trainer["start"].endswith("warmup-2/checkpoints/step-00000002")
     summary = json.loads((run / "mopd.json").read_text())
-    assert summary["teachers"] == {"parity": "teacher"} and summary["steps"] == 3
+    assert summary["teachers"] == {"parity": "teacher"} and summary["steps"] == 4
     before = n3.from_pretrained(run.parent / "student")
-    after = n3.from_pretrained(run / "checkpoints" / "step-00000003")
+    after = n3.from_pretrained(run / "checkpoints" / "step-00000004")
     assert all(torch.equal(a, b) for a, b in zip(before.mtp.parameters(), after.mtp.parameters()))
     assert not all(torch.equal(a, b) for a, b in zip(before.model.parameters(), after.model.parameters()))
 

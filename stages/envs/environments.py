@@ -214,6 +214,13 @@ def load_environments(specs: Sequence[str], weights: Sequence[float] = (), hold_
     return envs
 
 
+def with_preset_levels(specs: Sequence[str], preset: Sequence[str]) -> list[str]:
+    """Specs given on the command line, a bare built-in domain ("math") taking the levels the preset's own list
+    gives it ("math:1-2"), so that a single-domain run trains on what the preset's blend does."""
+    levels = {spec.partition(":")[0]: spec for spec in preset if ":" in spec and spec.partition(":")[0] in TASKS}
+    return [levels.get(spec, spec) for spec in specs]
+
+
 def check_weights(envs: Mapping[str, Environment], weights: Sequence[float]) -> list[float]:
     """One positive weight per environment, in order; none given: all equal."""
     if not weights:

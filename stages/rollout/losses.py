@@ -39,6 +39,12 @@ def group_advantages(rewards: torch.Tensor, kind: str = "grpo", eps: float = 1e-
     return centred / (rewards.std(unbiased=False) + eps)
 
 
+def outcome_advantages(rewards: torch.Tensor, weight: float) -> torch.Tensor:
+    """Outcome-reward mixing for distillation: weight x (r - mean) over one domain's samples of a step, added to
+    every token's advantage beside the teacher's signal."""
+    return weight * (rewards - rewards.mean()) if rewards.numel() else rewards
+
+
 def token_weights(lengths: list[int], normalisation: str, global_tokens: int, global_sequences: int) -> torch.Tensor:
     """Each token's weight in the loss, flattened over sequences of `lengths` trained tokens: 1 / the global batch's
     tokens (token-mean), or 1 / (its sequence's tokens x the global batch's sequences) (sequence-mean)."""

@@ -23,6 +23,8 @@ import threading
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import torch
+
 POLL_SECONDS = 0.1
 """How often a blocked stage looks whether the pipeline was stopped."""
 
@@ -75,10 +77,12 @@ class _Version:
 
 def run_pipeline(
     steps: range, generate: Callable[[int], tuple[int, Any]], score: Callable[[int, Any], Any],
-    learn: Callable[[int, int, Any], dict], max_staleness: int, asynchronous: bool = True,
+    learn: Callable[[int, int, Any], dict], max_staleness: int, asynchronous: bool = True, threads: int | None = None,
 ) -> Iterator[dict]:
     """The learner's record of every step of `steps`, in order; each record gains `policy_version` (of the batch's
-    behaviour policy) and `staleness` (versions between it and the learner)."""
+    behaviour policy) and `staleness` (versions between it and the learner). `threads`: the intra-op threads each
+    stage's thread computes with when they run concurrently (on a CPU, cores / 2 keeps two busy stages from
+    oversubscribing the cores); None leaves torch's setting."""
     if max_staleness < 0:
         raise ValueError(f"max_staleness must be at least 0, got {max_staleness}")
     if not asynchronous:
@@ -107,10 +111,13 @@ def run_pipeline(
             _, version, generated = item
             _put(scored_q, (step, version, score(step, generated)), stop)
 
-    threads = [threading.Thread(target=_guarded(body, queue_, stop), name=f"pipeline-{body.__name__}", daemon=True)
-               for body, queue_ in ((producer, generated_q), (scorer, scored_q))]
-    for thread in threads:
-        thread.start()
+    workers = [threading.Thread(target=_guarded(body, queue_, stop, threads), name=f"pipeline-{body.__name__}",
+                                daemon=True) for body, queue_ in ((producer, generated_q), (scorer, scored_q))]
+    learner_threads = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    for worker in workers:
+        worker.start()
     try:
         for step in steps:
             item = _get(scored_q, stop)
@@ -122,8 +129,9 @@ def run_pipeline(
             yield record
     finally:
         stop.set()
-        for thread in threads:
-            thread.join()
+        for worker in workers:
+            worker.join()
+        torch.set_num_threads(learner_threads)
 
 
 def _learn(learn, step: int, version: int, scored: Any, max_staleness: int) -> dict:
@@ -134,10 +142,13 @@ def _learn(learn, step: int, version: int, scored: Any, max_staleness: int) -> d
     return learn(step, version, scored) | {"policy_version": version, "staleness": staleness}
 
 
-def _guarded(body: Callable[[], None], out: queue.Queue, stop: threading.Event) -> Callable[[], None]:
+def _guarded(body: Callable[[], None], out: queue.Queue, stop: threading.Event, threads: int | None
+             ) -> Callable[[], None]:
     """The stage's body; an exception goes down the pipeline to the learner, which raises it."""
     def run() -> None:
         try:
+            if threads is not None:  # under OpenMP the setting is the calling thread's own
+                torch.set_num_threads(threads)
             body()
         except BaseException as err:  # noqa: BLE001 (re-raised on the learner's thread)
             _put(out, _Failed(err), stop)
