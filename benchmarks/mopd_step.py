@@ -24,11 +24,13 @@ gradient clipping at 1.
   on the CPU) and beta 1 (the generalized JSD is the reverse KL), then compute_loss (the student's forward with
   gradients, the teacher's without, both on the padded prompt + reply rows; the KL over the full vocabulary at every
   reply position, token mean), backward, and its optimizer, without the Trainer's logging and callbacks around them.
+  Activation checkpointing is off: TRL's configs turn it on by default, and GKDTrainer then generates without the
+  KV cache, each new token recomputing the whole sequence; off, TRL runs its fastest configuration here.
   The prompts are rendered by the checkpoint's chat template with enable_thinking (TRL's ChatML collator renders
   without template arguments, so the dataset gives it the rendered text).
 
 What differs, by design of each: n3's loss is on the sampled token (a one-sample estimate of the reverse KL's
-gradient, the Ultra recipe's), TRL's sums over the 4,096-token vocabulary at each position (its logits, log-softmaxes
+gradient, the Ultra recipe's), TRL's sums over the whole vocabulary at each position (its logits, log-softmaxes
 and KL are batch x positions x vocabulary tensors); n3 packs the replies into rows by best fit, TRL pads every row to
 the longest prompt (left) plus the longest reply (right), for the student's forward and the teacher's alike; n3 also
 runs the environments' checkers (for its metrics) and keeps the engine's log-probs for the behaviour correction. Both
@@ -62,7 +64,7 @@ from model.tokenizer import Tokenizer
 from stages import mopd as mopd_stage
 from stages.envs.environments import blend_prompts, load_environments, stage_seed
 from stages.mopd import Distiller
-from stages.rollout.backend import engine_backend
+from stages.rollout.backend import engine_backend, rollout_context
 from stages.rollout.learner import PolicyObjective, rollout_table
 from stages.rollout.teachers import load_teacher
 from stages.runtime import distributed
@@ -190,7 +192,9 @@ class _N3Step:
         model = from_pretrained(student, dtype=torch.float32)
         objective = distributed.prepare_model(PolicyObjective(model), self.cfg, world, train=train)
         optimizer = build_optimizer(objective, train)
-        backend = engine_backend(student, self.cfg, note, max_len=train.seq_len, max_batch=md.engine_batch)
+        context = rollout_context([p.messages for p in plan], tokenizer, md.max_tokens, train.seq_len,
+                                  enable_thinking=md.reasoning)  # as stages.mopd sizes it
+        backend = engine_backend(student, self.cfg, note, max_len=context, max_batch=md.engine_batch)
         self.distiller = Distiller(self.cfg, envs, teachers, backend, objective, optimizer, world, run, tokenizer,
                                    student, 0, 0, plan)
         self.rollouts: list = []
@@ -229,14 +233,16 @@ class _TRLStep:
         self.seconds = {"generate": 0.0}
         self.teacher = {"seconds": 0.0, "positions": 0}
         self.prompt_ids: list[list[int]] = []
+        # activation_checkpointing off: TRL's configs turn it on by default, and GKDTrainer then generates without
+        # the KV cache (each new token recomputes the whole sequence) and recomputes the forward in the backward.
         args = GKDConfig(
             output_dir=str(folder / "trl"), per_device_train_batch_size=md.prompts_per_step,
             max_new_tokens=md.max_tokens, temperature=md.temperature, lmbda=1.0, beta=1.0, seq_kd=False,
-            gradient_accumulation_steps=1, train_sampling_strategy="sequential", learning_rate=train.lr,
-            lr_scheduler_type="constant", weight_decay=train.weight_decay, adam_beta1=train.adam_beta1,
-            adam_beta2=train.adam_beta2, adam_epsilon=train.adam_eps, max_grad_norm=train.grad_clip,
-            optim="adamw_torch_fused", bf16=False, fp16=False, use_cpu=True, report_to=[], save_strategy="no",
-            dataloader_num_workers=0, seed=train.seed,
+            activation_checkpointing=False, gradient_accumulation_steps=1, train_sampling_strategy="sequential",
+            learning_rate=train.lr, lr_scheduler_type="constant", weight_decay=train.weight_decay,
+            adam_beta1=train.adam_beta1, adam_beta2=train.adam_beta2, adam_epsilon=train.adam_eps,
+            max_grad_norm=train.grad_clip, optim="adamw_torch_fused", bf16=False, fp16=False, use_cpu=True,
+            report_to=[], save_strategy="no", dataloader_num_workers=0, seed=train.seed,
         )
         model = transformers.NemotronHForCausalLM.from_pretrained(student, dtype=torch.float32)
         teacher_model = transformers.NemotronHForCausalLM.from_pretrained(teacher, dtype=torch.float32)

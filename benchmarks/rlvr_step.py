@@ -18,7 +18,8 @@ then one AdamW step of the DAPO loss (token mean, clip 0.2 / 0.28, no KL, no ref
   and its compiled decode step attends over all of it).
 - TRL runs GRPOTrainer's training step (generation with transformers' `generate` on the CPU, the reward function,
   compute_loss on the padded prompt + reply rows, backward) and its optimizer, without the Trainer's logging and
-  callbacks around them; one generation per optimizer step (steps_per_generation = num_iterations = 1), so no
+  callbacks around them, with activation checkpointing off (TRL's default turns it on, which recomputes the
+  forward in the backward); one generation per optimizer step (steps_per_generation = num_iterations = 1), so no
   old-policy forward. Its reward function separates the answer from the reasoning as n3's engine does (the tokens
   after `</think>`, special tokens skipped; the script checks this against n3's replies). transformers' continuous
   batching (TRL's use_transformers_continuous_batching) refuses NemotronH's Mamba layers, so it is plain generate.
@@ -51,7 +52,7 @@ from model.tokenizer import Tokenizer
 from stages import rlvr as rlvr_stage
 from stages.envs.environments import blend_prompts, load_environments
 from stages.rlvr import rl_step
-from stages.rollout.backend import engine_backend
+from stages.rollout.backend import engine_backend, rollout_context
 from stages.rollout.learner import PolicyObjective, rollout_table
 from stages.runtime import distributed
 from stages.runtime.checkpointing import newest_run
@@ -156,7 +157,9 @@ class _N3Step:
         model = from_pretrained(checkpoint, dtype=torch.float32)
         self.objective = distributed.prepare_model(PolicyObjective(model), self.cfg, world, train=train)
         self.optimizer = build_optimizer(self.objective, train)
-        self.backend = engine_backend(checkpoint, self.cfg, lambda message: None, max_len=train.seq_len,
+        context = rollout_context([p.messages for p in plan], tokenizer, self.cfg.rlvr.max_tokens, train.seq_len,
+                                  enable_thinking=self.cfg.rlvr.reasoning)  # as stages.rlvr sizes it
+        self.backend = engine_backend(checkpoint, self.cfg, lambda message: None, max_len=context,
                                       max_batch=self.cfg.rlvr.engine_batch)
         self.plan, self.envs, self.world, self.run, self.pad_id = plan, envs, world, run, tokenizer.pad_id or 0
         self.rollouts: list = []
@@ -207,6 +210,8 @@ class _TRLStep:
             num_generations=rl.group_size, max_completion_length=rl.max_tokens, temperature=rl.temperature,
             top_p=rl.top_p, top_k=rl.top_k, chat_template_kwargs={"enable_thinking": rl.reasoning},
             beta=rl.kl_coeff, loss_type="dapo", epsilon=rl.clip_low, epsilon_high=rl.clip_high, scale_rewards="group",
+            # Activation checkpointing off (TRL's configs turn it on): it recomputes forwards, and memory is no concern here.
+            activation_checkpointing=False,
             num_iterations=1, steps_per_generation=1, gradient_accumulation_steps=1, shuffle_dataset=False,
             mask_truncated_completions=False, learning_rate=train.lr, lr_scheduler_type="constant",
             weight_decay=train.weight_decay, adam_beta1=train.adam_beta1, adam_beta2=train.adam_beta2,

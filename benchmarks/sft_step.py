@@ -11,9 +11,9 @@ any template), assistant tokens only, AdamW, fp32, the same rows of --seq-len to
 - n3 runs `n3 sft`'s path: masks by prefix rendering, best-fit packing into rows whose conversations cannot see each
   other (seq_idx through attention, the causal conv and the SSD scan), the shared training loop's optimizer step.
 - TRL runs SFTTrainer's training step (compute_loss with the assistant masks, backward) and its optimizer, without the
-  Trainer's logging and callbacks around them. TRL's best-fit packing is padding-free, and transformers' NemotronH
-  refuses packed sequences without mamba_ssm (it cannot keep them apart in its PyTorch path), so on a CPU TRL packs
-  with its "wrapped" strategy: conversations concatenated and cut into full rows, attending across each other.
+  Trainer's logging and callbacks around them, with activation checkpointing off (TRL's default turns it on). TRL's
+  best-fit packing is padding-free, and transformers' NemotronH refuses packed sequences without mamba_ssm (it cannot
+  keep them apart in its PyTorch path), so on a CPU TRL packs with its "wrapped" strategy: conversations concatenated and cut into full rows, attending across each other.
 
 Throughput counts the tokens that go through the model (padding left out): n3's rows are best-fit packed and hold a
 little padding; TRL's wrapped rows hold none. The model has no MTP head (transformers' NemotronH has none).
@@ -131,6 +131,8 @@ def _trl_step(cfg, checkpoint: Path, folder: Path):
             for p in problems]
     args = trl.SFTConfig(
         output_dir=str(folder / "trl"), per_device_train_batch_size=train.micro_batch_size, max_length=train.seq_len,
+        # Activation checkpointing off (TRL's configs turn it on): it recomputes forwards, and memory is no concern here.
+        activation_checkpointing=False,
         packing=True, packing_strategy="wrapped", assistant_only_loss=True, learning_rate=train.lr,
         weight_decay=train.weight_decay, adam_beta1=train.adam_beta1, adam_beta2=train.adam_beta2,
         max_grad_norm=0.0, report_to=[], use_cpu=True, save_strategy="no", dataloader_num_workers=0, seed=train.seed,

@@ -41,7 +41,7 @@ from stages.chat.sources import ChatSource
 from stages.envs.environments import Environment, TaskEnvironment, blend_prompts, load_environments, stage_seed
 from stages.envs.sandbox import Runner
 from stages.envs.suite import SuiteAccuracy, accuracy_before, checkpoint_accuracy, evaluate_suite, suite_problems
-from stages.rollout.backend import Backend, engine_backend, step_seed
+from stages.rollout.backend import Backend, engine_backend, rollout_context, step_seed
 from stages.rollout.batches import Trajectory, rank_micro_batches
 from stages.rollout.groups import MEANS, gather_env_means, score_groups
 from stages.rollout.learner import (
@@ -292,9 +292,11 @@ def _distill(cfg: RunConfig, cycle: int, start: Path, teachers: dict[str, Teache
     if resumed:
         step0 = load_checkpoint(resumed[1], objective, optimizer, world)["step"]
         progress.note(f"resuming {run} from step {step0} ({resumed[1].name})")
-    backend = engine_backend(source, cfg, progress.note, max_len=train.seq_len, max_batch=md.engine_batch)
     seed = stage_seed(STAGE, train.seed) + cycle
     plan = blend_prompts(envs, md.weights, md.prompts_per_step * train.steps, "train", seed)
+    context = rollout_context([p.messages for p in plan], tokenizer, md.max_tokens, train.seq_len,
+                              enable_thinking=md.reasoning)
+    backend = engine_backend(source, cfg, progress.note, max_len=context, max_batch=md.engine_batch)
     distiller = Distiller(cfg, envs, teachers, backend, objective, optimizer, world, run, tokenizer, start, first,
                            step0, plan)
     log = MetricsLog(run / "metrics.jsonl", resume_step=step0 or None) if world.is_main else None

@@ -33,7 +33,7 @@ from presets.schema import RunConfig
 from stages.envs.environments import Environment, TaskEnvironment, blend_prompts, load_environments, stage_seed
 from stages.envs.sandbox import Runner
 from stages.envs.suite import SuiteAccuracy, accuracy_before, checkpoint_accuracy, evaluate_suite, suite_problems
-from stages.rollout.backend import Backend, engine_backend, step_seed
+from stages.rollout.backend import Backend, engine_backend, rollout_context, step_seed
 from stages.rollout.batches import rank_micro_batches
 from stages.rollout.client import EndpointBackend
 from stages.rollout.groups import GroupSettings, GroupStats, gather_env_means, score_groups, trajectories
@@ -130,8 +130,14 @@ def rlvr(cfg: RunConfig, run: Path, checkpoint: Path | None, resume: bool = Fals
         trainer = load_checkpoint(path, objective, optimizer, world)
         start_step = trainer["step"]
         progress.note(f"resuming {run} from step {start_step} ({path.name})")
-    backend = _backend(cfg, source, world, progress)
     plan = blend_prompts(envs, rl.weights, rl.prompts_per_step * train.steps, "train", stage_seed(STAGE, train.seed))
+    conversations = [p.messages for p in plan]
+    if rl.eval_interval and suite:  # the held-out checks during the run are answered by the same engine
+        conversations += [[{"role": "user", "content": p.prompt}] for ps in _quick_problems(cfg, suite).values()
+                          for p in ps]
+    context = rollout_context(conversations, tokenizer, max(rl.max_tokens, rl.eval_max_tokens), train.seq_len,
+                              enable_thinking=rl.reasoning)
+    backend = _backend(cfg, source, world, progress, context)
 
     log = MetricsLog(Path(run) / "metrics.jsonl", resume_step=start_step or None) if world.is_main else None
     progress.start("RL steps", total=train.steps, completed=start_step)
@@ -228,13 +234,13 @@ def _record(step: int, stats: GroupStats, rollouts: list, update: dict, times: d
     return record
 
 
-def _backend(cfg: RunConfig, source: Path, world: World, progress: Progress) -> Backend:
+def _backend(cfg: RunConfig, source: Path, world: World, progress: Progress, context: int) -> Backend:
     rl = cfg.rlvr
     if rl.server:
         if world.distributed:
             raise UserError("rlvr.server with torchrun: one learner process drives the server; run without torchrun")
         return EndpointBackend(rl.server, source, concurrency=rl.engine_batch)
-    return engine_backend(source, cfg, progress.note, max_len=rl.train.seq_len, max_batch=rl.engine_batch)
+    return engine_backend(source, cfg, progress.note, max_len=context, max_batch=rl.engine_batch)
 
 
 def _reference(cfg: RunConfig, start: Path, world: World) -> PolicyObjective | None:
@@ -249,6 +255,9 @@ def _reference(cfg: RunConfig, start: Path, world: World) -> PolicyObjective | N
 def _quick_accuracy(cfg: RunConfig, backend: Backend, suite: dict) -> float:
     """Mean held-out accuracy, reasoning on, of the weights generating now (rlvr.eval_interval): the rollout
     backend answers, so nothing is loaded."""
-    problems = suite_problems(suite, "test", cfg.rlvr.eval_problems, cfg.rlvr.train.seed)
-    result = evaluate_suite(backend, problems, cfg.rlvr.eval_max_tokens, modes=("on",))
+    result = evaluate_suite(backend, _quick_problems(cfg, suite), cfg.rlvr.eval_max_tokens, modes=("on",))
     return sum(r.accuracy for r in result.results) / max(1, len(result.results))
+
+
+def _quick_problems(cfg: RunConfig, suite: dict) -> dict:
+    return suite_problems(suite, "test", cfg.rlvr.eval_problems, cfg.rlvr.train.seed)

@@ -77,6 +77,15 @@ def rollout_seed(seed: int, conversation: int) -> int:
     return random.Random(f"{seed}/{conversation}").getrandbits(62)
 
 
+def rollout_context(conversations: list[list[dict]], tokenizer: Tokenizer, max_tokens: int, limit: int,
+                    **template_kwargs) -> int:
+    """The context an in-process rollout engine needs: the longest rendered conversation plus max_tokens (and the
+    thinking budget's forced token), rounded up to 64, at most `limit` (the rows replies are packed into). A compiled
+    decode step attends over the engine's whole context, so one no longer than the rollouts need decodes faster."""
+    longest = max((len(tokenizer.encode_chat(c, **template_kwargs)) for c in conversations), default=0)
+    return min(limit, -(-(longest + max_tokens + 2) // 64) * 64)
+
+
 def step_seed(seed: int, step: int, rank: int) -> int:
     """The sampling seed of a training step's rollouts on a rank: the same on resume."""
     return (seed * 1_000_003 + step) * 1024 + rank
