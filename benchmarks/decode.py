@@ -196,7 +196,9 @@ def main() -> None:
             timed = best_of(args.repeats, runs)
             (t_plain, out_plain), (t_spec, out_spec) = timed["plain"], timed["speculative"]
             rates = ", ".join(f"{r:.2f}" for r in spec.stats.acceptance_rate)
-            print(f"MTP speculation batch={batch}, {args.speculative} drafts: speedup {t_plain / t_spec:.2f}, "
+            tokens = batch * args.new_tokens
+            print(f"MTP speculation batch={batch}, {args.speculative} drafts: {tokens / t_spec:.0f} tokens/s against "
+                  f"plain {tokens / t_plain:.0f} tokens/s, speedup {t_plain / t_spec:.2f}, "
                   f"mean acceptance length {spec.stats.mean_acceptance_length:.2f} (per depth {rates}), "
                   f"same tokens as plain: {out_plain == out_spec}")
 

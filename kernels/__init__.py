@@ -24,6 +24,7 @@ _EXPORTS = {
     "seq_idx_from_cu_seqlens": "kernels.documents",
     "seq_idx_from_lengths": "kernels.documents",
     "ssd_chunk_scan": "kernels.ssd",
+    "ssd_span": "kernels.ssd",
     "ssd_step": "kernels.ssd",
     "stochastic_round": "kernels.rounding",
 }

@@ -1,4 +1,5 @@
-"""Mamba-2 state-space duality (SSD): the chunked scan for training and prefill, and the one-step recurrence for decode.
+"""Mamba-2 state-space duality (SSD): the chunked scan for training and prefill, the one-step recurrence for decode,
+and a short span of steps at once for speculative verification.
 
 Recurrence per head h with state S (P, N):  S_t = exp(dt_t A) S_{t-1} + dt_t x_t B_t^T,   y_t = S_t C_t + D x_t.
 Heads are split into G contiguous groups; head h reads B and C of group h // (H / G).
@@ -184,6 +185,43 @@ def ssd_step(
     if D is not None:
         y = y + D.to(f)[:, None] * x
     return y, new_state
+
+
+def ssd_span(
+    state: torch.Tensor,
+    x: torch.Tensor,
+    dt: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """What t successive `ssd_step` calls compute, in one batched computation that also yields the state after every
+    position. state (b, h, p, n); x (b, t, h, p); dt (b, t, h); B, C (b, t, g, n).
+
+    Returns y (b, t, h, p) and the states (b, t, h, p, n), in fp32 (float64 for float64 inputs). The work and memory
+    grow with t^2 and t: meant for the few positions of a speculative verification, not for prefill.
+    """
+    b, t, h, p = x.shape
+    g, n = B.shape[-2:]
+    f = torch.promote_types(x.dtype, torch.float32)
+    x, dt, A = x.to(f), dt.to(f), A.to(f)
+    # Heads leading, (b, h, t, ...) contiguous: the states are one batched matmul over (t, s) per head.
+    Bh, Ch = (v.to(f)[:, :, :, None].expand(b, t, g, h // g, n).reshape(b, t, h, n).transpose(1, 2).contiguous()
+              for v in (B, C))
+    X = (dt[..., None] * x).transpose(1, 2).contiguous()  # (b, h, t, p): what position s adds is X_s B_s^T
+    # Cumulative log-decays: the decay from position s to t (s <= t) is exp(cum[t] - cum[s]), from the cached state
+    # to t exp(cum[t]). Masked before the exponential: past the diagonal the differences are positive.
+    cum = (dt * A).cumsum(1).transpose(1, 2)  # (b, h, t)
+    causal = torch.ones(t, t, dtype=torch.bool, device=x.device).tril_()
+    decay = (cum[..., :, None] - cum[..., None, :]).masked_fill(~causal, float("-inf")).exp()  # (b, h, t, s)
+    inputs = (X[..., None] * Bh[..., None, :]).view(b, h, t, p * n)
+    states = decay @ inputs + cum.exp()[..., None] * state.to(f).reshape(b, h, 1, p * n)
+    states = states.view(b, h, t, p, n)
+    y = (states * Ch[..., None, :]).sum(-1).transpose(1, 2)  # y_t = S_t C_t
+    if D is not None:
+        y = y + D.to(f)[:, None] * x
+    return y, states.transpose(1, 2)
 
 
 def _mamba_ssm_chunk_scan(x, dt, A, B, C, D, chunk_size, initial_state, seq_idx):

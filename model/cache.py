@@ -56,12 +56,13 @@ class MambaCache:
         self.ssm = torch.zeros(
             rows, cfg.mamba_num_heads, cfg.mamba_head_dim, cfg.ssm_state_size, dtype=ssm_dtype, device=device
         )
-        self.history: list[tuple[torch.Tensor, torch.Tensor]] = []
-        """(conv, ssm) of the selected rows after each position of the current forward, when keeping positions."""
+        self.history: tuple[torch.Tensor, torch.Tensor] | None = None
+        """(conv (b, t, ...), ssm (b, t, ...)): the selected rows' states after each position of the current forward,
+        in the cache dtypes, when keeping positions."""
 
     @property
     def keeps_positions(self) -> bool:
-        """True when the forward must store the state after every position (the mixer then steps token by token)."""
+        """True when the forward must keep the state after every position (`store_positions`)."""
         return self.owner.keep_positions
 
     def read(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -71,10 +72,29 @@ class MambaCache:
 
     def store(self, conv: torch.Tensor, ssm: torch.Tensor) -> None:
         """Write the selected rows' states; the SSM state is rounded to the cache dtype (stochastically if asked)."""
-        conv = conv.to(self.conv.dtype)
+        self._write(conv.to(self.conv.dtype), self._rounded(ssm))
+
+    def store_positions(self, conv: torch.Tensor, ssm: torch.Tensor) -> None:
+        """The selected rows' states after each of the t positions of this forward: conv (b, t, ch, K-1), ssm
+        (b, t, h, p, n). Each SSM state is rounded to the cache dtype as `store` rounds it; all are kept for `rewind`
+        and the last becomes the current state."""
+        self.history = (conv.to(self.conv.dtype), self._rounded(ssm))
+        self._write(self.history[0][:, -1], self.history[1][:, -1])
+
+    def rewind(self, kept: torch.Tensor) -> None:
+        """Set each selected row's state to the one after its first kept[i] positions of the current forward."""
+        conv, ssm = self.history
+        self.history = None
+        if bool((kept < conv.shape[1]).any()):  # else every row keeps the last state, which store_positions wrote
+            pick = torch.arange(len(kept), device=kept.device)
+            self._write(conv[pick, kept - 1], ssm[pick, kept - 1])  # rounded already
+
+    def _rounded(self, ssm: torch.Tensor) -> torch.Tensor:
         if self.ssm.dtype != ssm.dtype and self.owner.stochastic_rounding:
-            ssm = stochastic_round(ssm, self.ssm.dtype, self.owner.generator)
-        ssm = ssm.to(self.ssm.dtype)
+            return stochastic_round(ssm, self.ssm.dtype, self.owner.generator)
+        return ssm.to(self.ssm.dtype)
+
+    def _write(self, conv: torch.Tensor, ssm: torch.Tensor) -> None:
         rows = self.owner.active
         if isinstance(rows, slice):
             self.conv[rows].copy_(conv)
@@ -82,16 +102,6 @@ class MambaCache:
         else:
             self.conv[rows] = conv
             self.ssm[rows] = ssm
-        if self.owner.keep_positions:
-            self.history.append((conv, ssm))  # fresh tensors, not views of the cache: later stores leave them intact
-
-    def rewind(self, kept: torch.Tensor) -> None:
-        """Set each selected row's state to the one after its first kept[i] positions of the current forward."""
-        pick = torch.arange(len(kept), device=kept.device)
-        conv = torch.stack([c for c, _ in self.history])[kept - 1, pick]  # history is (t, b, ...)
-        ssm = torch.stack([s for _, s in self.history])[kept - 1, pick]
-        self.history = []
-        self.store(conv, ssm)
 
 
 class HybridCache:
@@ -160,7 +170,7 @@ class HybridCache:
         self.keep_positions = keep_positions
         for layer in self.layers:
             if isinstance(layer, MambaCache):
-                layer.history = []
+                layer.history = None
         return self
 
     def advance(self, t: int) -> None:

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kernels import causal_conv1d, causal_conv1d_step, ssd_chunk_scan, ssd_step
+from kernels import causal_conv1d, causal_conv1d_step, ssd_chunk_scan, ssd_span, ssd_step
 from model.config import ModelConfig
 from model.norm import GatedRMSNorm
 
@@ -38,8 +38,10 @@ class Mamba2Mixer(nn.Module):
         self.dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))
 
     def forward(self, u: torch.Tensor, cache=None, seq_idx: torch.Tensor | None = None) -> torch.Tensor:
-        """u (b, t, d). With a cache (model.cache.MambaCache) the scan starts from, and updates, its states. Without
-        one, seq_idx (b, t) gives each token's document in a packed row: conv and scan restart at every document."""
+        """u (b, t, d). With a cache (model.cache.MambaCache) the scan starts from, and updates, its states: one step
+        for decode (t = 1), a span computed at once when the cache keeps the state after every position (speculative
+        verification), the chunked scan otherwise (prefill). Without one, seq_idx (b, t) gives each token's document in
+        a packed row: conv and scan restart at every document."""
         cfg = self.cfg
         b, t, _ = u.shape
         H, P, G, N = cfg.mamba_num_heads, cfg.mamba_head_dim, cfg.mamba_groups, cfg.ssm_state_size
@@ -48,19 +50,25 @@ class Mamba2Mixer(nn.Module):
         A = -torch.exp(self.A_log.float())
         weight, bias = self.conv1d.weight[:, 0], self.conv1d.bias
 
-        if cache is not None and (t == 1 or cache.keeps_positions):
-            # Token by token: decode, and speculative verification, which needs the state after every position.
-            ys = []
-            for i in range(t):
-                conv_state, ssm_state = cache.read()
-                xBC_i, conv_state = causal_conv1d_step(xBC[:, i], conv_state, weight, bias)
-                x, B, C = xBC_i.split([cfg.mamba_inner, G * N, G * N], dim=-1)
-                y_i, ssm_state = ssd_step(
-                    ssm_state, x.view(b, H, P), dt[:, i], A, B.view(b, G, N), C.view(b, G, N), self.D
-                )
-                cache.store(conv_state, ssm_state)
-                ys.append(y_i)
-            y = torch.stack(ys, dim=1)
+        if cache is not None and cache.keeps_positions:
+            # Speculative verification: the t positions at once, keeping the state after each for MambaCache.rewind.
+            conv_state, ssm_state = cache.read()
+            # The conv state after position i is the last K-1 inputs of the window through i: a slice of the window.
+            window = torch.cat([conv_state.to(xBC.dtype).transpose(1, 2), xBC], dim=1)  # (b, K-1+t, ch)
+            conv_states = window.unfold(1, cfg.conv_kernel - 1, 1)[:, 1:]  # (b, t, ch, K-1)
+            xBC, _ = causal_conv1d(xBC, weight, bias, conv_state)
+            x, B, C = xBC.split([cfg.mamba_inner, G * N, G * N], dim=-1)
+            y, ssm_states = ssd_span(
+                ssm_state, x.view(b, t, H, P), dt, A, B.view(b, t, G, N), C.view(b, t, G, N), self.D
+            )
+            cache.store_positions(conv_states, ssm_states)
+        elif cache is not None and t == 1:
+            conv_state, ssm_state = cache.read()
+            xBC, conv_state = causal_conv1d_step(xBC[:, 0], conv_state, weight, bias)
+            x, B, C = xBC.split([cfg.mamba_inner, G * N, G * N], dim=-1)
+            y, ssm_state = ssd_step(ssm_state, x.view(b, H, P), dt[:, 0], A, B.view(b, G, N), C.view(b, G, N), self.D)
+            cache.store(conv_state, ssm_state)
+            y = y[:, None]
         else:
             initial_conv, initial_ssm = (None, None) if cache is None else cache.read()
             xBC, conv_state = causal_conv1d(xBC, weight, bias, initial_conv, seq_idx)

@@ -1,16 +1,20 @@
 """The inference engine against the model itself: greedy decoding equals a naive full-forward argmax loop under
-continuous batching and chunked prefill; MTP speculation changes nothing under greedy and keeps the model's
-distribution under sampling; logprobs (raw and of the sampling distribution), stops, seeds, cancellation, reasoning
-budget and the tokens it forces, low-precision SSM state, weights reloaded in place."""
+continuous batching and chunked prefill; MTP speculation changes nothing under greedy (drafts up to 7 deep, the Mamba
+state in fp32 or fp16) and keeps the model's distribution under sampling; a verification's Mamba span equals decode
+steps; logprobs (raw and of the sampling distribution), stops, seeds, cancellation, reasoning budget and the tokens it
+forces, low-precision SSM state, weights reloaded in place."""
 
 import copy
+import dataclasses
 import math
+import random
 import threading
 
 import pytest
 import torch
 
 import model as n3
+from kernels import ssd_span, ssd_step
 from model.cache import HybridCache
 from model.engine import Completion, Engine, EngineConfig, PromptTooLong, SamplingParams
 from model.engine.background import BackgroundEngine
@@ -18,6 +22,7 @@ from model.engine.reasoning import Thinking
 from model.engine.sampling import filtered_probs, sample
 from model.errors import UserError
 from model.mamba2 import Mamba2Mixer
+from tests.test_kernels import ssd_inputs
 from tests.test_model import tiny_config
 
 GREEDY = SamplingParams(temperature=0, max_tokens=12)
@@ -74,7 +79,7 @@ def test_greedy_equals_naive_loop_with_joins_and_chunked_prefill(model):
     assert engine.stats.mean_batch > 1.5 and sorted(engine.cache.free) == [0, 1, 2]
 
 
-@pytest.mark.parametrize("k", [1, 3])
+@pytest.mark.parametrize("k", [1, 3, 7])
 def test_speculative_greedy_equals_plain_greedy(small_vocab, k):
     prompts = [[1, 2, 3], [4, 4, 0, 1, 5, 2, 3], [0], [5, 1, 1, 2]]
     params = SamplingParams(temperature=0, max_tokens=20)
@@ -88,6 +93,86 @@ def test_speculative_greedy_equals_plain_greedy(small_vocab, k):
     assert all(a >= b for a, b in zip(stats.accepted, stats.accepted[1:]))  # depth j needs depth j-1
     steps_saved = sum(len(c.token_ids) for c in spec) - stats.decode_rows - len(prompts)
     assert math.isclose(stats.mean_acceptance_length, 1 + steps_saved / stats.decode_rows) and steps_saved > 0
+
+
+CLEAR_PROMPTS = [[3, 3, 0, 2, 4, 3, 3], [0, 5, 2, 3, 4, 0], [2, 5, 0, 4, 2], [3, 0, 0]]
+"""Prompts whose 20 greedy tokens under small_vocab hold no near-tie: the top two logits lie 0.02 apart at least, far
+beyond what rounding the Mamba state to fp16 moves them (elsewhere a tie of 5e-5 may go either way)."""
+
+
+@pytest.mark.parametrize("k", [3, 7])
+@pytest.mark.parametrize("ssm_dtype", ["fp32", "fp16"])
+def test_deep_drafts_keep_greedy_output(small_vocab, ssm_dtype, k):
+    """Drafts that are plain greedy's own continuation, wrong from a random depth on (or not at all): verification
+    accepts and rejects at every depth up to k, rewinding the Mamba states to each, and the output stays plain
+    greedy's, with the state in fp32 and in fp16 with stochastic rounding (the default)."""
+    params = SamplingParams(temperature=0, max_tokens=20)
+    for prompt in CLEAR_PROMPTS:
+        top2 = full_forward_logits(small_vocab, prompt, naive_greedy(small_vocab, prompt, 20)).topk(2).values
+        assert (top2[:, 0] - top2[:, 1]).min() > 0.02
+    config = EngineConfig(max_batch=3, max_len=32, ssm_dtype=ssm_dtype)
+    plain = [c.token_ids for c in Engine(small_vocab, config=config).generate(CLEAR_PROMPTS, params)]
+    engine = Engine(small_vocab, config=dataclasses.replace(config, speculative_tokens=k))
+    truth = {tuple(p): tokens + [0] * k for p, tokens in zip(CLEAR_PROMPTS, plain)}
+    wrong_from = random.Random(0)
+    mtp_draft = engine._draft
+
+    def oracle_draft(seqs, hidden):
+        mtp_draft(seqs, hidden)  # the MTP cache as drafting leaves it; only the drafts change
+        for seq in seqs:
+            seq.drafts = truth[tuple(seq.prompt)][len(seq.tokens) : len(seq.tokens) + k]
+            wrong = wrong_from.randrange(k + 1)
+            if wrong < k:
+                seq.drafts[wrong] = (seq.drafts[wrong] + 1) % small_vocab.config.vocab_size
+
+    engine._draft = oracle_draft
+    assert [c.token_ids for c in engine.generate(CLEAR_PROMPTS, params)] == plain
+    assert all(0 < a < p for a, p in zip(engine.stats.accepted, engine.stats.proposed))
+
+
+@pytest.mark.parametrize("dtype,tolerance", [(torch.float32, 1e-5), (torch.float64, 1e-12)])
+def test_ssd_span_equals_successive_steps(dtype, tolerance):
+    """ssd_span over 8 positions: the outputs and the state after every position of 8 ssd_step calls."""
+    x, dt, A, B, C, D, state = (v.to(dtype) for v in ssd_inputs(t=8))
+    y, states = ssd_span(state, x, dt, A, B, C, D)
+    assert y.dtype == states.dtype == dtype and states.shape == (2, 8, 6, 4, 5)
+    for i in range(8):
+        y_i, state = ssd_step(state, x[:, i], dt[:, i], A, B[:, i], C[:, i], D)
+        torch.testing.assert_close(y[:, i], y_i, rtol=tolerance, atol=tolerance)
+        torch.testing.assert_close(states[:, i], state, rtol=tolerance, atol=tolerance)
+
+
+@pytest.mark.parametrize("ssm_dtype", [torch.float32, torch.float16])
+def test_verification_keeps_the_state_after_every_position(ssm_dtype):
+    """A forward of 6 tokens keeping positions gives the outputs of 6 decode steps, and rewinding each row to its kept
+    positions leaves the states those steps left there (fp16 with stochastic rounding: within its rounding)."""
+    torch.manual_seed(0)
+    cfg = tiny_config(pattern="M")
+    mixer = Mamba2Mixer(cfg).eval()
+    with torch.no_grad():
+        for p in mixer.parameters():
+            p.normal_(std=0.3)
+    rows, t = 3, 6
+    g = torch.Generator().manual_seed(1)
+    prefix, fed = torch.randn(rows, 5, cfg.hidden_size, generator=g), torch.randn(rows, t, cfg.hidden_size, generator=g)
+    stepped, spanned = (HybridCache(cfg, rows, 16, ssm_dtype=ssm_dtype, stochastic_rounding=True, seed=s) for s in (3, 4))
+    tolerance = 1e-5 if ssm_dtype == torch.float32 else 1e-2
+    with torch.no_grad():
+        for cache in (stepped, spanned):
+            mixer(prefix, cache.layers[0])
+        outputs, states = [], []
+        for i in range(t):
+            outputs.append(mixer(fed[:, i : i + 1], stepped.layers[0]))
+            states.append((stepped.layers[0].conv.clone(), stepped.layers[0].ssm.float().clone()))
+        out = mixer(fed, spanned.select(keep_positions=True).layers[0])
+    torch.testing.assert_close(out, torch.cat(outputs, 1), rtol=tolerance, atol=tolerance)
+    assert spanned.layers[0].history[1].dtype == ssm_dtype
+    kept = torch.tensor([1, 4, 6])
+    spanned.rewind(kept, t)
+    for row, n in enumerate(kept.tolist()):
+        conv, ssm = states[n - 1]
+        torch.testing.assert_close(spanned.layers[0].conv[row], conv[row], rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(spanned.layers[0].ssm[row].float(), ssm[row], rtol=tolerance, atol=tolerance)
 
 
 def exact_joint(model, prompt: list[int]) -> torch.Tensor:
