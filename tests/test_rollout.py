@@ -85,3 +85,13 @@ def test_update_weights_on_both_backends(backends, checkpoints, tmp_path, tokeni
             backend.update_weights(tmp_path / "wider")
     assert_same(after, endpoint.rollout([MESSAGES], **kwargs))  # the loaded weights still serve
     assert local_backend.update_weights(first) == endpoint.update_weights(first) == 2
+
+
+def test_a_rollout_engine_holds_the_longest_prompt_and_its_reply(tokenizer):
+    from stages.rollout.backend import rollout_context
+
+    short, long = [{"role": "user", "content": "Hi."}], [{"role": "user", "content": "A longer question. " * 6}]
+    longest = len(tokenizer.encode_chat(long, enable_thinking=True))
+    context = rollout_context([short, long], tokenizer, 40, 4096, enable_thinking=True)
+    assert context % 64 == 0 and longest + 40 + 2 <= context < longest + 40 + 2 + 64
+    assert rollout_context([short, long], tokenizer, 40, 64, enable_thinking=True) == 64  # never past the rows
