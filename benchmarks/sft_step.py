@@ -13,7 +13,8 @@ any template), assistant tokens only, AdamW, fp32, the same rows of --seq-len to
 - TRL runs SFTTrainer's training step (compute_loss with the assistant masks, backward) and its optimizer, without the
   Trainer's logging and callbacks around them, with activation checkpointing off (TRL's default turns it on). TRL's
   best-fit packing is padding-free, and transformers' NemotronH refuses packed sequences without mamba_ssm (it cannot
-  keep them apart in its PyTorch path), so on a CPU TRL packs with its "wrapped" strategy: conversations concatenated and cut into full rows, attending across each other.
+  keep them apart in its PyTorch path), so on a CPU TRL packs with its "wrapped" strategy: conversations concatenated
+  and cut into full rows, attending across each other.
 
 Throughput counts the tokens that go through the model (padding left out): n3's rows are best-fit packed and hold a
 little padding; TRL's wrapped rows hold none. The model has no MTP head (transformers' NemotronH has none).

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -131,6 +132,9 @@ def mopd(cfg: RunConfig, run: Path, student: Path | None, teachers: dict[str, st
               for name, source in teachers.items()}
     if not resume and world.is_main:
         start_run_folder(run, cfg.name, preset_toml)
+        for stale in run.glob("warmup-*"):  # from a run that died before its first distillation checkpoint
+            shutil.rmtree(stale)
+        (run / "teachers.json").unlink(missing_ok=True)
         write_json(run / RUN_FILE, {"student": str(student), "teachers": teachers})
     suite = {name: env.levels for name, env in envs.items() if isinstance(env, TaskEnvironment)}
 
