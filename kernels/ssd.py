@@ -173,12 +173,10 @@ def ssd_step(
     Returns y (b, h, p) and the new state, in fp32 (float64 for float64 inputs); the caller stores the state in its
     cache dtype.
     """
-    b, h, p = x.shape
-    g, n = B.shape[-2:]
+    h = x.shape[1]
     f = torch.promote_types(x.dtype, torch.float32)
     x, dt, A = x.to(f), dt.to(f), A.to(f)
-    Bh = B.to(f)[:, :, None].expand(b, g, h // g, n).reshape(b, h, n)
-    Ch = C.to(f)[:, :, None].expand(b, g, h // g, n).reshape(b, h, n)
+    Bh, Ch = _per_head(B, h, f), _per_head(C, h, f)
     decay = torch.exp(dt * A)
     new_state = decay[..., None, None] * state.to(f) + (dt[..., None] * x)[..., None] * Bh[:, :, None, :]
     y = torch.einsum("bhpn,bhn->bhp", new_state, Ch)
@@ -203,12 +201,11 @@ def ssd_span(
     grow with t^2 and t: meant for the few positions of a speculative verification, not for prefill.
     """
     b, t, h, p = x.shape
-    g, n = B.shape[-2:]
+    n = B.shape[-1]
     f = torch.promote_types(x.dtype, torch.float32)
     x, dt, A = x.to(f), dt.to(f), A.to(f)
     # Heads leading, (b, h, t, ...) contiguous: the states are one batched matmul over (t, s) per head.
-    Bh, Ch = (v.to(f)[:, :, :, None].expand(b, t, g, h // g, n).reshape(b, t, h, n).transpose(1, 2).contiguous()
-              for v in (B, C))
+    Bh, Ch = (_per_head(v, h, f).transpose(1, 2).contiguous() for v in (B, C))
     X = (dt[..., None] * x).transpose(1, 2).contiguous()  # (b, h, t, p): what position s adds is X_s B_s^T
     # Cumulative log-decays: the decay from position s to t (s <= t) is exp(cum[t] - cum[s]), from the cached state
     # to t exp(cum[t]). Masked before the exponential: past the diagonal the differences are positive.
@@ -222,6 +219,12 @@ def ssd_span(
     if D is not None:
         y = y + D.to(f)[:, None] * x
     return y, states.transpose(1, 2)
+
+
+def _per_head(v: torch.Tensor, h: int, dtype: torch.dtype) -> torch.Tensor:
+    """B or C (..., g, n) for each of the h heads (..., h, n): head i reads group i // (h / g)."""
+    *lead, g, n = v.shape
+    return v.to(dtype)[..., None, :].expand(*lead, g, h // g, n).reshape(*lead, h, n)
 
 
 def _mamba_ssm_chunk_scan(x, dt, A, B, C, D, chunk_size, initial_state, seq_idx):
