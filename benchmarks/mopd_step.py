@@ -62,8 +62,8 @@ from peer_checkpoint import without_mtp
 from model.checkpoint import from_pretrained
 from model.tokenizer import Tokenizer
 from stages import mopd as mopd_stage
-from stages.envs.environments import blend_prompts, load_environments, stage_seed
-from stages.mopd import Distiller
+from stages.envs.environments import load_environments
+from stages.mopd import Distiller, cycle_prompts
 from stages.rollout.backend import engine_backend, rollout_context
 from stages.rollout.learner import PolicyObjective, rollout_table
 from stages.rollout.teachers import load_teacher
@@ -124,8 +124,7 @@ def _compare(args, folder: Path) -> None:
           f"their MTP heads; {md.prompts_per_step} prompts x 1 sample per step, replies of at most {md.max_tokens} "
           f"tokens; {args.envs}; {torch.get_num_threads()} threads; load average {os.getloadavg()[0]:.2f}")
     envs = load_environments(md.envs, md.weights)
-    # The prompts `n3 mopd`'s first cycle draws (stages.mopd._distill's seed).
-    plan = blend_prompts(envs, md.weights, md.prompts_per_step * total, "train", stage_seed("mopd", md.train.seed) + 1)
+    plan = cycle_prompts(cfg, envs, 1)  # the prompts `n3 mopd`'s first cycle draws
     tokenizer = Tokenizer.load(student)
     n3 = _N3Step(cfg, student, teacher, plan, envs, tokenizer, folder / "n3")
     trl_step = _TRLStep(cfg, student, teacher, plan, tokenizer, folder)

@@ -137,13 +137,17 @@ def resolve_checkpoint(path: str | Path) -> Path:
     path = Path(path)
     if (path / "config.json").is_file():
         return path
-    steps = sorted((path / "checkpoints").glob("step-*"))
-    complete = [step for step in steps if (step / "config.json").is_file()]
+    complete = run_checkpoints(path)
     if complete:
         return complete[-1]
     if not path.exists():
         raise UserError(f"{path} does not exist")
     raise UserError(f"{path} is neither a checkpoint (no config.json) nor a run folder with checkpoints/step-*")
+
+
+def run_checkpoints(run: str | Path) -> list[Path]:
+    """A run folder's complete checkpoints (checkpoints/step-*/ holding a config.json), oldest first."""
+    return sorted(step for step in (Path(run) / "checkpoints").glob("step-*") if (step / "config.json").is_file())
 
 
 def newest_run(root: str | Path = "runs") -> Path | None:

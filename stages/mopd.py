@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from model.checkpoint import config_from_hf, from_pretrained, read_config, resolve_checkpoint
+from model.checkpoint import config_from_hf, from_pretrained, read_config, resolve_checkpoint, run_checkpoints
 from model.errors import UserError
 from model.tokenizer import Tokenizer
 from presets import check_train
@@ -296,8 +296,7 @@ def _distill(cfg: RunConfig, cycle: int, start: Path, teachers: dict[str, Teache
     if resumed:
         step0 = load_checkpoint(resumed[1], objective, optimizer, world)["step"]
         progress.note(f"resuming {run} from step {step0} ({resumed[1].name})")
-    seed = stage_seed(STAGE, train.seed) + cycle
-    plan = blend_prompts(envs, md.weights, md.prompts_per_step * train.steps, "train", seed)
+    plan = cycle_prompts(cfg, envs, cycle)
     context = rollout_context([p.messages for p in plan], tokenizer, md.max_tokens, train.seq_len,
                               enable_thinking=md.reasoning)
     backend = engine_backend(source, cfg, progress.note, max_len=context, max_batch=md.engine_batch)
@@ -317,6 +316,14 @@ def _distill(cfg: RunConfig, cycle: int, start: Path, teachers: dict[str, Teache
         progress.advance(1, reverse_kl=record["reverse_kl"], seconds=record["seconds"]["step"])
     world.barrier()
     return record
+
+
+def cycle_prompts(cfg: RunConfig, envs: dict[str, Environment], cycle: int) -> list:
+    """Cycle `cycle`'s distillation prompts, mopd.prompts_per_step for each of its steps: a seeded blend of the
+    domains' training prompts, another for every cycle."""
+    md = cfg.mopd
+    return blend_prompts(envs, md.weights, md.prompts_per_step * md.train.steps, "train",
+                         stage_seed(STAGE, md.train.seed) + cycle)
 
 
 class Distiller:
@@ -428,5 +435,5 @@ def _record(step: int, per_env: dict, errors: int, update: dict, lr: float, time
 
 def _newest_step(folder: Path) -> tuple[int, Path] | None:
     """(step, path) of a run folder's newest complete checkpoint, or None."""
-    steps = sorted(p for p in (Path(folder) / "checkpoints").glob("step-*") if (p / "config.json").is_file())
+    steps = run_checkpoints(folder)
     return (int(steps[-1].name.removeprefix("step-")), steps[-1]) if steps else None

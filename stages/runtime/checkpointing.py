@@ -32,7 +32,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_state_dict,
 )
 
-from model.checkpoint import atomic_directory, resolve_checkpoint, write_pretrained
+from model.checkpoint import atomic_directory, resolve_checkpoint, run_checkpoints, write_pretrained
 from model.errors import UserError
 from model.hybrid import NemotronH
 from model.tokenizer import Tokenizer
@@ -100,10 +100,10 @@ def newest_run(root: Path, stage: str, accept: Callable[[Path], bool] | None = N
     """The run folder under `root` whose newest checkpoint `stage` wrote (and that `accept(run)` accepts), written
     last; None if there is none."""
     runs = []
-    for run in Path(root).glob("*/checkpoints"):
-        steps = sorted(step for step in run.glob("step-*") if (step / "config.json").is_file())
-        if steps and stage_of(steps[-1]) == stage and (accept is None or accept(run.parent)):
-            runs.append((steps[-1].stat().st_mtime, run.parent))
+    for run in (folder.parent for folder in Path(root).glob("*/checkpoints")):
+        steps = run_checkpoints(run)
+        if steps and stage_of(steps[-1]) == stage and (accept is None or accept(run)):
+            runs.append((steps[-1].stat().st_mtime, run))
     return max(runs)[1] if runs else None
 
 
