@@ -3,6 +3,7 @@ plus the MTP head. Module names mirror transformers' NemotronH, so state-dict ke
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Iterator
 
@@ -130,11 +131,17 @@ class NemotronH(nn.Module):
         self, h: torch.Tensor, input_ids: torch.Tensor, depths: int, seq_idx: torch.Tensor | None = None
     ) -> Iterator[torch.Tensor]:
         """`mtp_hidden` one depth at a time, so a caller can read per-depth state (MoE routing) between depths."""
+        for k in range(1, depths + 1):
+            h = self.mtp_depth(h, input_ids, k, seq_idx)
+            yield h
+
+    def mtp_depth(
+        self, h: torch.Tensor, input_ids: torch.Tensor, k: int, seq_idx: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Depth k of the teacher-forced unroll from its input hidden h (b, t, d): position i fed emb(t_{i+k})."""
         if self.mtp is None:
             raise ValueError("this model has no MTP head (its pattern has no '/')")
-        for k in range(1, depths + 1):
-            h = self.mtp(h, self.model.embeddings(torch.roll(input_ids, -k, dims=1)), seq_idx=seq_idx)
-            yield h
+        return self.mtp(h, self.model.embeddings(torch.roll(input_ids, -k, dims=1)), seq_idx=seq_idx)
 
     @torch.no_grad()
     def init_weights(self) -> None:
@@ -171,6 +178,26 @@ def build(cfg: ModelConfig, device: torch.device | str | None = None, dtype: tor
     if dtype is not None:
         cast(model, dtype)
     return model
+
+
+def with_mtp_head(model: NemotronH, pattern: str = "*E") -> NemotronH:
+    """A copy of a model without an MTP head (Nemotron 3 Nano) that has one of `pattern`: the backbone's weights as
+    they are; each MTP sublayer starts from the backbone's last sublayer of its kind (a trained attention or MoE
+    rather than noise), eh_proj, enorm, hnorm and the final norm freshly initialised."""
+    if model.mtp is not None:
+        raise ValueError("the model has an MTP head already")
+    first = next(model.parameters())
+    cfg = dataclasses.replace(model.config, pattern=f"{model.config.pattern}/{pattern}")
+    grown = build(cfg, device=first.device, dtype=first.dtype)
+    missing, unexpected = grown.load_state_dict(model.state_dict(), strict=False)
+    if unexpected or any(not name.startswith("mtp.") for name in missing):
+        raise ValueError(f"cannot carry the weights over: missing {missing}, unexpected {unexpected}")
+    for block in grown.mtp.layers:
+        source = next((b for b in reversed(model.model.layers) if b.kind == block.kind), None)
+        if source is not None:
+            block.norm.load_state_dict(source.norm.state_dict())
+            block.mixer.load_state_dict(source.mixer.state_dict())
+    return grown
 
 
 def cast(model: nn.Module, dtype: torch.dtype) -> nn.Module:

@@ -320,14 +320,16 @@ def mtp(
     prompts: Annotated[int, typer.Option(min=1, help="Prompts, at evenly spaced places in the text.")] = 16,
     prompt_len: Annotated[int, typer.Option(min=2, help="Tokens per prompt.")] = 128,
     max_tokens: Annotated[int, typer.Option(min=2, help="Tokens generated per prompt.")] = 128,
-    temperature: Annotated[float, typer.Option(min=0, help="0 is greedy; otherwise rejection sampling.")] = 0.0,
+    temperature: Annotated[list[float] | None, typer.Option(min=0, help="0 is greedy; otherwise rejection "
+                                                              "sampling. Repeatable (default: 0 and 1).")] = None,
     preset: Preset = DEFAULT_PRESET,
     overrides: Sets = None,
     out: Out = None,
 ) -> None:
-    """MTP self-speculation: acceptance rate and acceptance length per draft depth (in-process only: an endpoint
-    does not report acceptance per request)."""
+    """MTP self-speculation: acceptance length, per-position acceptance and decode speedup per draft length, greedy
+    and at temperature 1 (in-process only: an endpoint does not report acceptance per request)."""
     from model.errors import UserError
+    from n3cli.report import print_acceptance
     from stages.eval import mtp as acceptance
     from stages.eval.corpus import builtin_corpus
     from stages.eval.perplexity import read_text, validation_tokens
@@ -345,15 +347,15 @@ def mtp(
         corpus = builtin_corpus()
         ids, source = backend.tokenizer.encode(corpus.text), corpus.description
     batch = acceptance.text_prompts(ids, backend.encode(""), prompts, prompt_len)
-    with console.status(f"generating {max_tokens} tokens from {prompts} prompts at draft depths 1..{depth}"):
-        result = acceptance.acceptance(backend, batch, max_tokens, source, temperature)
-    table = Table("drafts per step", "acceptance length", f"draft accepted (depth {depth})",
-                  "given the one before", title=f"MTP acceptance ({prompts} prompts x {max_tokens} tokens)")
-    for run, rate, conditional in zip(result.runs, result.rates, result.conditional):
-        table.add_row(str(run.depth), f"{run.length:.3f}", f"{rate:.3f}", f"{conditional:.3f}")
-    console.print(f"model: {result.backend}\ntext: {source}")
-    console.print(table)
-    _saved(write_json(_out_dir(out, "mtp") / "mtp.json", result.summary()))
+    console.print(f"model: {backend.description}\ntext: {source}")
+    results = []
+    for t in temperature or [0.0, 1.0]:
+        with console.status(f"generating {max_tokens} tokens from {prompts} prompts at temperature {t:g}, "
+                            f"without drafts and at draft lengths 1..{depth}"):
+            results.append(acceptance.acceptance(backend, batch, max_tokens, source, t))
+        print_acceptance(results[-1], f"MTP acceptance at temperature {t:g} ({prompts} prompts x {max_tokens} "
+                                      "tokens)")
+    _saved(write_json(_out_dir(out, "mtp") / "mtp.json", {"runs": [r.summary() for r in results]}))
 
 
 # --- lm-eval --------------------------------------------------------------------------------------------------------

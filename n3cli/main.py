@@ -16,7 +16,7 @@ from typing import Annotated
 import typer
 
 from model.errors import UserError
-from n3cli import __version__, data, mopd, presets, pretrain, quantize, rlvr, serve, sft
+from n3cli import __version__, data, mopd, mtp_boost, presets, pretrain, quantize, rlvr, serve, sft
 from n3cli import eval as evaluation
 from n3cli.options import Debug
 
@@ -30,6 +30,7 @@ COMMANDS: dict[str, Callable | typer.Typer] = {
     "sft": sft.run,
     "rlvr": rlvr.app,
     "mopd": mopd.run,
+    "mtp-boost": mtp_boost.run,
     "quantize": quantize.run,
     "serve": serve.run,
     "eval": evaluation.app,

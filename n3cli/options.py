@@ -42,6 +42,12 @@ Checkpoint = Annotated[
 Resume = Annotated[
     bool, typer.Option("--resume", help="Continue the run in --out from its latest checkpoint, with its saved preset.")
 ]
+ChatData = Annotated[
+    list[str] | None,
+    typer.Option("--data", "-d", metavar="[NAME=]PATH", help="Chat rows in OpenAI form: .jsonl, .json or .parquet "
+                 "files, a Hugging Face datasets folder, or a folder of such files. Repeatable. Default: the built-in "
+                 "verifiable tasks."),
+]
 Weights = Annotated[
     list[str] | None,
     typer.Option("--weight", metavar="NAME=W", help="Weight of source NAME in the mix (2: twice its share). Repeatable."),

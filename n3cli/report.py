@@ -247,3 +247,55 @@ def print_mopd(result) -> None:
         rows.add_row(after.domain, after.reasoning, f"{before.accuracy:.1%}" if before else "-",
                      f"{own.accuracy:.1%}" if own else "-", f"{after.accuracy:.1%}", share)
     console.print(rows)
+
+
+def print_acceptance(result, title: str) -> None:
+    """One stages.eval.mtp.AcceptanceResult: per draft length its acceptance length, the deepest run's cumulative
+    and conditional per-position acceptance, and the decode speed against plain decoding."""
+    table = Table("draft length", "acceptance length", f"position accepted (length {result.runs[-1].depth})",
+                  "given the one before", "tokens/s", "speedup", title=title)
+    table.add_row("0 (plain)", "1.000", "", "", f"{result.plain.tokens_per_s:.0f}", "1.00x")
+    for run, rate, conditional in zip(result.runs, result.rates, result.conditional):
+        table.add_row(str(run.depth), f"{run.length:.3f}", f"{rate:.3f}", f"{conditional:.3f}",
+                      f"{run.tokens_per_s:.0f}", f"{result.speedup(run):.2f}x")
+    console.print(table)
+
+
+def print_mtp_boost(result) -> None:
+    """The end of `n3 mtp-boost`: what trained, then before and after on the held-out prompts: acceptance length per
+    draft length (greedy, temperature 1), each depth's KL to the backbone, per-position acceptance, the speedup."""
+    from stages.mtp_boost import TEMPERATURES
+
+    loop = result.loop
+    table = Table(title=f"MTP boost: {result.start} -> {result.run}", show_header=False, show_edge=False)
+    table.add_column(justify="left")
+    table.add_column(justify="right")
+    if result.initialised:
+        table.add_row("MTP head", "built (--init)")
+    for name, replies in result.replies.items():
+        table.add_row(f"replies ({name})", f"{replies['prompts']:,} ({replies['tokens']:,} tokens)")
+    table.add_row("steps", f"{result.steps}" + (f" in {loop.seconds:.0f} s" if loop else " (done before)"))
+    table.add_row("wall time", f"{result.seconds['total']:.0f} s (" + ", ".join(
+        f"{part} {seconds:.0f}" for part, seconds in result.seconds.items() if part != "total") + ")")
+    table.add_row("checkpoint", str(result.checkpoint))
+    console.print(table)
+    before, after = result.before, result.after
+    names = list(TEMPERATURES)
+    lengths = Table("draft length", *(f"{n} {w}" for n in names for w in ("before", "after")), "KL before",
+                    "KL after", title="Acceptance length (held-out prompts) and each depth's KL to the backbone",
+                    show_edge=False)
+    for j, (kl_b, kl_a) in enumerate(zip(before.kl, after.kl)):
+        cells = [f"{m.acceptance[n].runs[j].length:.3f}" for n in names for m in (before, after)]
+        lengths.add_row(str(j + 1), *cells, f"{kl_b:.3f}", f"{kl_a:.3f}")
+    console.print(lengths)
+    deepest = len(after.kl)
+    rates = Table("draft position", *(f"{n} {w}" for n in names for w in ("before", "after")),
+                  title=f"Share of steps accepting the draft at each position (draft length {deepest})",
+                  show_edge=False)
+    for j in range(deepest):
+        rates.add_row(str(j + 1), *(f"{m.acceptance[n].rates[j]:.3f}" for n in names for m in (before, after)))
+    console.print(rates)
+    for n in names:
+        b, a = before.acceptance[n], after.acceptance[n]
+        console.print(f"decode speedup at the fastest draft length, {n}: before {b.speedup(b.best):.2f}x "
+                      f"(length {b.best.depth}), after {a.speedup(a.best):.2f}x (length {a.best.depth})")

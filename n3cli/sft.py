@@ -16,6 +16,7 @@ import typer
 
 from n3cli.options import (
     DEFAULT_PRESET,
+    ChatData,
     Checkpoint,
     DryRun,
     Out,
@@ -28,17 +29,9 @@ from n3cli.options import (
     resumed_preset,
 )
 
-Data = Annotated[
-    list[str] | None,
-    typer.Option("--data", "-d", metavar="[NAME=]PATH", help="Chat rows in OpenAI form: .jsonl, .json or .parquet "
-                 "files, a Hugging Face datasets folder, or a folder of such files. Repeatable. Default: the built-in "
-                 "verifiable tasks (sft.tasks)."),
-]
-
-
 def run(
     checkpoint: Checkpoint = None,
-    data: Data = None,
+    data: ChatData = None,
     weight: Weights = None,
     train_on: Annotated[str | None, typer.Option("--train-on", help="Tokens that take a loss: assistant (every "
                                                  "assistant turn, the default) | final (the last one) | all.")] = None,

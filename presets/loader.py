@@ -259,7 +259,8 @@ def _model_config(table: dict, source: str) -> ModelConfig:
 def _check_plan(cfg: RunConfig) -> None:
     """Cross-field checks between the run plan and the model, named after the preset."""
     parallel, model = cfg.parallel, cfg.model
-    for name in ("parallel", "sft", "sft.lora", "sft.train", "rlvr", "rlvr.train", "mopd", "mopd.train"):
+    for name in ("parallel", "sft", "sft.lora", "sft.train", "rlvr", "rlvr.train", "mopd", "mopd.train", "mtp_boost",
+                 "mtp_boost.train"):
         _check_floors(cfg, name)
     if cfg.mopd.warmup.steps:  # 0 steps: no warmup, and the rest of its table is not used
         _check_floors(cfg, "mopd.warmup")
@@ -267,6 +268,7 @@ def _check_plan(cfg: RunConfig) -> None:
     for key in ("reasoning_off", "reasoning_truncated", "val_fraction"):
         if getattr(cfg.sft, key) > 1:
             raise UserError(f"preset {cfg.name}: sft.{key} must be at most 1, got {getattr(cfg.sft, key)}")
+    check_mtp_boost(cfg)
     if cfg.rlvr.group_size < 2:
         raise UserError(f"preset {cfg.name}: rlvr.group_size must be at least 2 (GRPO compares the samples of a "
                         f"prompt with each other), got {cfg.rlvr.group_size}")
@@ -313,6 +315,27 @@ def _check_floors(cfg: RunConfig, name: str) -> None:
         least = f.metadata.get("min", 1 if isinstance(value, int) else 0)
         if value < least:
             raise UserError(f"preset {cfg.name}: {name}.{f.name} must be at least {least}, got {value}")
+
+
+MTP_BOOST_DEPTHS = 7
+"""The deepest draft the engine is tested at, so the most depths mtp-boost distills."""
+
+
+def check_mtp_boost(cfg: RunConfig) -> None:
+    """[mtp_boost]'s ranges (checked as a preset loads, and by the stage after its command-line options)."""
+    mb = cfg.mtp_boost
+    if not 1 <= mb.train.mtp_depths <= MTP_BOOST_DEPTHS:
+        raise UserError(f"preset {cfg.name}: mtp_boost.train.mtp_depths (N, the depths distilled) must be 1 to "
+                        f"{MTP_BOOST_DEPTHS}, got {mb.train.mtp_depths}")
+    if not 0 < mb.temperature <= 10:
+        raise UserError(f"preset {cfg.name}: mtp_boost.temperature (T) must be above 0 and at most 10, got "
+                        f"{mb.temperature}")
+    if not mb.init_pattern or set(mb.init_pattern) - set("*E"):
+        raise UserError(f"preset {cfg.name}: mtp_boost.init_pattern {mb.init_pattern!r}: use attention (*) and MoE "
+                        "(E) sublayers only; the engine drafts with no Mamba or dense MLP sublayer in the MTP block, "
+                        "as vLLM")
+    if mb.val_fraction >= 1:
+        raise UserError(f"preset {cfg.name}: mtp_boost.val_fraction must be below 1, got {mb.val_fraction}")
 
 
 def check_train(cfg: RunConfig, name: str, model: ModelConfig | None = None) -> None:

@@ -29,6 +29,8 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "mopd.train.decay_shape": ("linear", "cosine", "sqrt"),
     "mopd.warmup.decay_shape": ("linear", "cosine", "sqrt"),
     "mopd.behaviour_correction": ("cap", "mask"),
+    "mtp_boost.train.decay_shape": ("linear", "cosine", "sqrt"),
+    "mtp_boost.inputs": ("mixing", "recursion"),
     "serve.dtype": ("auto", "fp32", "bf16"),
     "serve.ssm_cache_dtype": ("fp32", "bf16", "fp16"),
 }
@@ -350,6 +352,47 @@ class MOPDConfig:
     eval_max_tokens: int = 256
 
 
+def _mtp_boost_train() -> TrainConfig:
+    """MTP boosting's optimisation defaults (Nemotron 3 Ultra: GBS 64, replies of up to 8K tokens): mtp_depths is
+    N, the depths distilled; mtp_loss_scale, aux of the backbone and eval_sequences are not used."""
+    return TrainConfig(seq_len=8192, micro_batch_size=1, global_batch_size=64, steps=1000, lr=1e-5, min_lr=1e-6,
+                       warmup_steps=20, decay_fraction=0.2, weight_decay=0.0, mtp_depths=7, eval_interval=1000,
+                       checkpoint_interval=200, keep_checkpoints=2)
+
+
+@dataclass
+class MTPBoostConfig:
+    """`n3 mtp-boost`: the MTP head alone distilled from its frozen model's next-token distributions on the model's
+    own replies, so that speculative decoding accepts longer drafts (REFERENCE.md section 4, MTP boosting)."""
+
+    train: TrainConfig = field(default_factory=_mtp_boost_train)
+    """The optimisation table; its mtp_depths is N, the depths distilled (1 to 7)."""
+    temperature: float = 2.0
+    """T: both distributions are softened by it, and the loss scaled by T^2 (0 < T <= 10)."""
+    inputs: str = "mixing"
+    """Depth k's input: mixing (each token draws the backbone's state or one of depths 1..k-1's, Megatron's
+    mtp_hsm) | recursion (depth k - 1's output, as the engine drafts)."""
+    envs: list[str] = field(default_factory=lambda: ["math", "code", "instructions"])
+    """Where the prompts come from, as rlvr.envs (--data: a chat dataset's prompts instead)."""
+    weights: list[float] = field(default_factory=list)
+    """Each environment's share of the prompts, in the order of envs; empty: equal."""
+    prompts: int = 4096
+    """Training prompts the model replies to, once each, at temperature 1."""
+    max_tokens: int = 1024
+    """Tokens per reply."""
+    reasoning: bool = True
+    val_fraction: float = 0.05
+    """Share of a --data set's conversations held out (by a hash of the prompt) for the evaluation."""
+    eval_prompts: int = 64
+    """Held-out prompts: the replies the KL is measured on, and the acceptance measured from."""
+    eval_max_tokens: int = 128
+    """Tokens generated per held-out prompt at each draft length."""
+    init_pattern: str = "*E"
+    """--init: the MTP block built for a checkpoint without one (attention and MoE sublayers only)."""
+    engine_batch: int = 128
+    """Requests the in-process engine decodes together."""
+
+
 @dataclass
 class KernelConfig:
     """Backend per hot op: auto picks the fastest installed path for the device, torch forces the reference."""
@@ -400,3 +443,4 @@ class RunConfig:
     sft: SFTConfig = field(default_factory=SFTConfig)
     rlvr: RLVRConfig = field(default_factory=RLVRConfig)
     mopd: MOPDConfig = field(default_factory=MOPDConfig)
+    mtp_boost: MTPBoostConfig = field(default_factory=MTPBoostConfig)

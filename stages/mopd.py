@@ -57,7 +57,7 @@ from stages.rollout.pipeline import Mailbox, run_pipeline
 from stages.rollout.teachers import Teacher, load_teacher
 from stages.rollout.weights import load_policy, policy_weights
 from stages.runtime import distributed
-from stages.runtime.checkpointing import load_checkpoint, save_checkpoint, start_run_folder, stage_of
+from stages.runtime.checkpointing import load_checkpoint, resume_loop, save_checkpoint, start_run_folder, stage_of
 from stages.runtime.distributed import World
 from stages.runtime.files import write_json, write_jsonl, write_text
 from stages.runtime.loop import TrainingJob, apply_gradients, run_loop, validation
@@ -226,9 +226,7 @@ def _warmup(cfg: RunConfig, cycle: int, start: Path, teachers: dict[str, Teacher
                                 warm.seed)
     start_step = 0
     if done is not None:
-        trainer = load_checkpoint(done[1], objective, optimizer, world)
-        batches.load_state_dict(trainer["data"])
-        start_step = trainer["step"]
+        start_step, _ = resume_loop(done[1], objective, optimizer, batches, world)
     val = chat.val.micro_batches(warm.micro_batch_size)[:4] if chat.val is not None else []
     job = TrainingJob(
         train=warm, compute=cfg.precision.compute, world=world, objective=objective, optimizer=optimizer,

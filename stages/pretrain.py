@@ -24,7 +24,7 @@ from model.tokenizer import Tokenizer
 from presets.schema import RunConfig
 from stages.runtime import distributed
 from stages.runtime.batches import PackedBatches, validation_batches
-from stages.runtime.checkpointing import latest_resumable, load_checkpoint, read_trainer_state, start_run_folder
+from stages.runtime.checkpointing import latest_resumable, read_trainer_state, resume_loop, start_run_folder
 from stages.runtime.corpus import Manifest
 from stages.runtime.loop import LoopResult, TrainingJob, run_loop, validation
 from stages.runtime.losses import CausalLMObjective
@@ -89,9 +89,7 @@ def pretrain(
         path = latest_resumable(run)
         if read_trainer_state(path).get("corpus") != manifest.fingerprint:
             raise UserError(f"cannot resume {run}: its corpus has changed since the run started (rerun it from scratch)")
-        trainer = load_checkpoint(path, objective, optimizer, world)
-        batches.load_state_dict(trainer["data"])
-        start, monitor_state = trainer["step"], trainer.get("monitor")
+        start, monitor_state = resume_loop(path, objective, optimizer, batches, world)
         progress.note(f"resuming {run} from step {start} ({path.name})")
 
     val = validation_batches(corpus, manifest, cfg.train.seq_len, cfg.train.eval_sequences, cfg.train.micro_batch_size)

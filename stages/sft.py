@@ -31,7 +31,7 @@ from stages.chat.reasoning import ReasoningMix
 from stages.chat.sources import ChatSource
 from stages.envs.suite import SuiteAccuracy, accuracy_before, checkpoint_accuracy, parse_suite
 from stages.runtime import distributed
-from stages.runtime.checkpointing import latest_resumable, load_checkpoint, start_run_folder, starting_point
+from stages.runtime.checkpointing import latest_resumable, resume_loop, start_run_folder, starting_point
 from stages.runtime.files import write_json
 from stages.runtime.loop import LoopResult, TrainingJob, run_loop, validation
 from stages.runtime.lora import apply_lora, target_modules
@@ -120,9 +120,7 @@ def sft(
                                 train.seed)
     start_step, monitor_state = 0, None
     if resume:
-        trainer = load_checkpoint(path, objective, optimizer, world)
-        batches.load_state_dict(trainer["data"])
-        start_step, monitor_state = trainer["step"], trainer.get("monitor")
+        start_step, monitor_state = resume_loop(path, objective, optimizer, batches, world)
         progress.note(f"resuming {run} from step {start_step} ({path.name})")
 
     result = None

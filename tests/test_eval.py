@@ -14,7 +14,7 @@ from model.engine import Engine, EngineConfig
 from model.errors import UserError
 from model.tokenizer import SPECIAL_TOKENS
 from presets import load
-from stages.eval.mtp import acceptance, text_prompts
+from stages.eval.mtp import AcceptanceResult, acceptance, text_prompts
 from stages.eval.perplexity import Tokens, perplexity, rolling_windows, text_tokens, validation_tokens
 from stages.eval.throughput import Shape, measure, report_shapes
 from stages.rollout.backend import EngineBackend, engine_backend
@@ -158,18 +158,22 @@ def test_mtp_acceptance_per_depth():
     ids = [int(t) for t in torch.randint(0, 6, (200,), generator=torch.Generator().manual_seed(0))]
     prompts = text_prompts(ids, [], 3, 8)
     assert [len(p) for p in prompts] == [8] * 3 and prompts[1] == ids[96:104]
-    result = acceptance(EngineBackend(engine, "tiny"), prompts, 16, "random ids")
+    result = acceptance(EngineBackend(engine, "tiny"), prompts, 16, "random ids", timed_prompts=2)
     assert [r.depth for r in result.runs] == [1, 2, 3]
+    assert result.plain.depth == 0 and result.plain.generated == 2 * 16 and result.plain.length == 1.0
     for run in result.runs:
-        assert run.generated == 3 * 16 and len(run.rates) == run.depth
+        assert run.generated == 2 * 16 and run.seconds > 0 and len(run.rates) == run.depth  # timed: 2 prompts
         assert math.isclose(run.length, 1 + sum(run.rates))  # every verification checks every draft position
         assert all(a >= b for a, b in zip(run.rates, run.rates[1:]))  # draft j needs drafts 1..j-1
-        assert run.verifications < 3 * 15  # speculation saved steps
+        assert run.verifications < 3 * 15  # counted on all 3 prompts: speculation saved steps
+        assert result.speedup(run) == run.tokens_per_s / result.plain.tokens_per_s
+    assert result.best in result.runs and result.speedup(result.best) == max(map(result.speedup, result.runs))
     assert 0 < result.runs[0].rates[0] < 1
     assert result.conditional[0] == result.rates[0]
     assert math.isclose(result.conditional[1], result.rates[1] / result.rates[0])
     summary = result.summary()
     assert [d["acceptance_length"] for d in summary["per_depth"]] == [r.length for r in result.runs]
+    assert AcceptanceResult.from_summary(summary) == result
     with pytest.raises(UserError, match="at least 1"):
         acceptance(EngineBackend(Engine(model, None, EngineConfig(max_batch=4, max_len=64)), "no drafts"), prompts,
                    8, "x")
@@ -250,7 +254,9 @@ def test_cli_writes_tables_json_and_plot(checkpoint, tmp_path, capsys, monkeypat
     status, stdout, err = n3_cli(capsys, "eval", "mtp", "-c", str(checkpoint), "--depth", "2", "--prompts", "2",
                                   "--prompt-len", "16", "--max-tokens", "6", "--out", str(tmp_path / "mtp"))
     assert status == 0, err
-    assert len(json.loads((tmp_path / "mtp/mtp.json").read_text())["per_depth"]) == 2 and "language reference" in stdout
+    runs = json.loads((tmp_path / "mtp/mtp.json").read_text())["runs"]
+    assert [r["temperature"] for r in runs] == [0.0, 1.0] and all(len(r["per_depth"]) == 2 for r in runs)
+    assert "language reference" in stdout and "speedup" in stdout
     status, stdout, err = n3_cli(capsys, "eval", "tasks", "-c", str(checkpoint), "--tasks", "math:1,code:1",
                                   "--samples", "2", "--max-tokens", "8", "--set", "serve.compile=false",
                                   "--out", str(tmp_path / "tasks"))

@@ -1,14 +1,17 @@
 """`n3 eval mtp`: how far the model's MTP head drafts ahead of it, measured where it matters, in self-speculative
-decoding (REFERENCE.md section 5).
+decoding (REFERENCE.md section 5). `n3 mtp-boost` measures its before and after with the same function.
 
-Prompts are slices of a text. For each draft depth d = 1..K the engine generates from them with d MTP drafts per
-step and counts what it accepts: the acceptance length at depth d (tokens produced per verification step: accepted
-drafts + the target's own token; 1 would mean no speedup). The run at depth K also gives, per draft position j, the
-fraction of steps whose j-th draft was accepted, and that fraction given draft j - 1 was.
+For each draft length d = 1..K the engine generates from the prompts with d MTP drafts per step and counts what it
+accepts: the acceptance length at d (tokens produced per verification step: accepted drafts + the target's own
+token; 1 would mean no speedup), and per draft position j the share of steps whose j-th draft was accepted
+(cumulative, as vLLM counts: position j counts only when drafts 1..j were all accepted). Decode speed is timed apart,
+at batch 1 on a few of the prompts, without drafts and at each length: each length's speedup over plain decoding;
+the best length is the fastest.
 """
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, replace
 
 from model.errors import UserError
@@ -18,13 +21,21 @@ from stages.rollout.backend import EngineBackend
 @dataclass
 class DepthRun:
     depth: int
+    """Drafts per step; 0 is plain decoding."""
     verifications: int
     """Decode steps summed over requests: each verifies the drafts and emits at least the target's token."""
     generated: int
+    """Tokens of the timed generation."""
     rates: list[float]
     """Per draft position j (index j - 1): the fraction of verifications that accepted draft j."""
     length: float
     """Mean acceptance length: 1 + accepted drafts per verification."""
+    seconds: float
+    """Wall time of the timed generation (batch 1), which `generated` counts the tokens of."""
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.generated / self.seconds if self.seconds else 0.0
 
 
 @dataclass
@@ -32,8 +43,11 @@ class AcceptanceResult:
     source: str
     backend: str
     prompts: int
+    temperature: float
+    plain: DepthRun
+    """The same generation without drafts: what the speedups are against."""
     runs: list[DepthRun]
-    """One per depth, 1..K."""
+    """One per draft length, 1..K."""
 
     @property
     def rates(self) -> list[float]:
@@ -45,11 +59,36 @@ class AcceptanceResult:
         """Per draft position j: P(draft j accepted | drafts 1..j-1 accepted), at the deepest run."""
         return [r / prev if prev else 0.0 for r, prev in zip(self.rates, [1.0] + self.rates)]
 
+    def speedup(self, run: DepthRun) -> float:
+        return run.tokens_per_s / self.plain.tokens_per_s if self.plain.tokens_per_s else 0.0
+
+    @property
+    def best(self) -> DepthRun:
+        """The draft length that decodes fastest."""
+        return max(self.runs, key=self.speedup)
+
     def summary(self) -> dict:
         return {"benchmark": "mtp", "source": self.source, "backend": self.backend, "prompts": self.prompts,
-                "per_depth": [{"depth": r.depth, "acceptance_length": r.length, "verifications": r.verifications,
-                               "generated_tokens": r.generated, "acceptance_rates": r.rates} for r in self.runs],
-                "deepest": {"acceptance_rate": self.rates, "conditional_rate": self.conditional}}
+                "temperature": self.temperature, "plain": _run_summary(self.plain, 1.0),
+                "per_depth": [_run_summary(r, self.speedup(r)) for r in self.runs],
+                "deepest": {"acceptance_rate": self.rates, "conditional_rate": self.conditional},
+                "best": {"depth": self.best.depth, "speedup": self.speedup(self.best)}}
+
+    @classmethod
+    def from_summary(cls, summary: dict) -> AcceptanceResult:
+        """The result a summary() was made from."""
+        def run(d: dict) -> DepthRun:
+            return DepthRun(d["depth"], d["verifications"], d["generated_tokens"], d["acceptance_rates"],
+                            d["acceptance_length"], d["seconds"])
+
+        return cls(summary["source"], summary["backend"], summary["prompts"], summary["temperature"],
+                   run(summary["plain"]), [run(d) for d in summary["per_depth"]])
+
+
+def _run_summary(run: DepthRun, speedup: float) -> dict:
+    return {"depth": run.depth, "acceptance_length": run.length, "verifications": run.verifications,
+            "generated_tokens": run.generated, "acceptance_rates": run.rates, "seconds": run.seconds,
+            "tokens_per_s": run.tokens_per_s, "speedup": speedup}
 
 
 def text_prompts(ids, prefix: list[int], count: int, length: int) -> list[list[int]]:
@@ -62,22 +101,41 @@ def text_prompts(ids, prefix: list[int], count: int, length: int) -> list[list[i
 
 
 def acceptance(backend: EngineBackend, prompts: list[list[int]], max_tokens: int, source: str,
-               temperature: float = 0.0) -> AcceptanceResult:
-    """Generate max_tokens from each prompt at every depth up to the backend engine's, and read the counters."""
-    from model.engine import Engine
-
-    engine = backend.engine
-    if not engine.k:
+               temperature: float = 0.0, timed_prompts: int = 4) -> AcceptanceResult:
+    """Generate max_tokens from each prompt at every draft length up to the backend engine's and read the engine's
+    counters; time decoding without drafts and at each length at batch 1 (where speculation pays: a decode step
+    costs about the same for 1 token as for k + 1) on the first `timed_prompts` prompts."""
+    if not backend.engine.k:
         raise UserError("MTP acceptance needs speculative decoding: a draft depth of at least 1")
+    timed = prompts[:timed_prompts]
+    plain = _run(backend, 0, timed, max_tokens, temperature, batch=1)
     runs = []
-    for depth in range(1, engine.k + 1):
-        # A lower depth fits the same step budget, so the engine's other settings carry over unchanged.
-        at_depth = engine if depth == engine.k else Engine(engine.model, engine.tokenizer,
-                                                            replace(engine.config, speculative_tokens=depth))
-        EngineBackend(at_depth, backend.description).generate(prompts, max_tokens, temperature=temperature)
-        stats = at_depth.stats
-        if not stats.decode_rows:
+    for depth in range(1, backend.engine.k + 1):
+        counted = _run(backend, depth, prompts, max_tokens, temperature)
+        if not counted.verifications:
             raise UserError("no token was generated after a prompt's first; raise --max-tokens")
-        runs.append(DepthRun(depth, stats.decode_rows, stats.generated_tokens, stats.acceptance_rate,
-                             stats.mean_acceptance_length))
-    return AcceptanceResult(source, backend.description, len(prompts), runs)
+        speed = _run(backend, depth, timed, max_tokens, temperature, batch=1)
+        runs.append(replace(counted, generated=speed.generated, seconds=speed.seconds))
+    return AcceptanceResult(source, backend.description, len(prompts), temperature, plain, runs)
+
+
+def _run(backend: EngineBackend, depth: int, prompts: list[list[int]], max_tokens: int, temperature: float,
+         batch: int | None = None) -> DepthRun:
+    """One generation at `depth` drafts per step in a fresh engine (its counters count this generation alone) of the
+    backend's settings but for the depth; with `batch`, timed at that batch, every prompt to exactly max_tokens (the
+    same work whatever the drafts) and seeded. A compiled engine compiles before the clock starts."""
+    from model.engine import Engine, SamplingParams
+
+    source = backend.engine
+    config = replace(source.config, speculative_tokens=depth, max_batch=batch or source.config.max_batch)
+    engine = Engine(source.model, source.tokenizer, config)
+    if engine.config.compile:
+        engine.warm_up()
+    params = [SamplingParams(max_tokens=max_tokens, temperature=temperature, ignore_eos=batch is not None, seed=i)
+              for i in range(len(prompts))]
+    started = time.perf_counter()
+    engine.generate(prompts, params)
+    seconds = time.perf_counter() - started
+    stats = engine.stats
+    return DepthRun(depth, stats.decode_rows, stats.generated_tokens, stats.acceptance_rate,
+                    stats.mean_acceptance_length, seconds)

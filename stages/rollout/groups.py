@@ -115,8 +115,4 @@ def env_means(per_env: list[dict[str, dict[str, float]]]) -> dict[str, dict[str,
 
 def gather_env_means(per_env: dict[str, dict[str, float]], world: World) -> dict[str, dict[str, float]]:
     """env_means over every rank's GroupStats.per_env (collective under torchrun)."""
-    gathered: list = [per_env]
-    if world.distributed:
-        gathered = [None] * world.size
-        torch.distributed.all_gather_object(gathered, per_env)
-    return env_means(gathered)
+    return env_means(world.gather(per_env))

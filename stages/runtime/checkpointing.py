@@ -96,13 +96,15 @@ def stage_of(checkpoint: Path) -> str | None:
     return trainer.get("stage", "pretrain" if "corpus" in trainer else None)
 
 
-def newest_run(root: Path, stage: str, accept: Callable[[Path], bool] | None = None) -> Path | None:
-    """The run folder under `root` whose newest checkpoint `stage` wrote (and that `accept(run)` accepts), written
-    last; None if there is none."""
+def newest_run(root: Path, stage: str | tuple[str, ...], accept: Callable[[Path], bool] | None = None
+               ) -> Path | None:
+    """The run folder under `root` whose newest checkpoint `stage` (or one of several) wrote (and that `accept(run)`
+    accepts), written last; None if there is none."""
+    stages = (stage,) if isinstance(stage, str) else stage
     runs = []
     for run in (folder.parent for folder in Path(root).glob("*/checkpoints")):
         steps = run_checkpoints(run)
-        if steps and stage_of(steps[-1]) == stage and (accept is None or accept(run)):
+        if steps and stage_of(steps[-1]) in stages and (accept is None or accept(run)):
             runs.append((steps[-1].stat().st_mtime, run))
     return max(runs)[1] if runs else None
 
@@ -158,6 +160,15 @@ def load_checkpoint(path: Path, objective: nn.Module, optimizer: torch.optim.Opt
     if rng.is_file():
         _set_rng_state(torch.load(rng, weights_only=True))
     return trainer
+
+
+def resume_loop(path: Path, objective: nn.Module, optimizer: torch.optim.Optimizer, batches, world: World
+                ) -> tuple[int, dict | None]:
+    """Restore a training loop's checkpoint: model, optimizer, generators and the step source's position. Returns the
+    step it was written at and the monitor's state, as runtime.loop.run_loop takes them."""
+    trainer = load_checkpoint(path, objective, optimizer, world)
+    batches.load_state_dict(trainer["data"])
+    return trainer["step"], trainer.get("monitor")
 
 
 @contextlib.contextmanager

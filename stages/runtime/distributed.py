@@ -61,6 +61,14 @@ class World:
         dist.broadcast_object_list(box, src=0)
         return box[0]
 
+    def gather(self, value: object) -> list:
+        """Every rank's value, in rank order, on every rank."""
+        if not self.distributed:
+            return [value]
+        gathered = [None] * self.size
+        dist.all_gather_object(gathered, value)
+        return gathered
+
     def barrier(self) -> None:
         if self.distributed:
             dist.barrier()

@@ -153,10 +153,8 @@ def apply_gradients(objective: nn.Module, optimizer: torch.optim.Optimizer, trai
 
 
 def _head_scales(job: TrainingJob) -> list[float]:
-    """The weight of each head's mean loss: 1 for the next token, the MTP loss scale shared by the depths the
-    objective trains (not the table's: a model without an MTP head trains none)."""
-    depths = distributed.unwrap(job.objective).mtp_depths
-    return [1.0] + ([job.train.mtp_loss_scale / depths] * depths if depths else [])
+    """The weight of each head's mean loss, as the objective decides it."""
+    return distributed.unwrap(job.objective).head_scales(job.train)
 
 
 def _accumulate_gradients(job: TrainingJob, head_scales: list[float]):

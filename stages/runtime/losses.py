@@ -18,6 +18,7 @@ from kernels import linear_cross_entropy
 from kernels.cross_entropy import IGNORE
 from model.hybrid import NemotronH
 from model.moe import LatentMoE
+from presets.schema import TrainConfig
 
 
 def mtp_labels(labels: torch.Tensor, depth: int, seq_idx: torch.Tensor | None = None) -> torch.Tensor:
@@ -107,6 +108,11 @@ class CausalLMObjective(nn.Module):
     def heads(self) -> int:
         return 1 + self.mtp_depths
 
+    def head_scales(self, train: TrainConfig) -> list[float]:
+        """The weight of each head's mean loss: 1 for the next token, the MTP loss scale shared by the depths the
+        objective trains (not the table's: a model without an MTP head trains none)."""
+        return [1.0] + ([train.mtp_loss_scale / self.mtp_depths] * self.mtp_depths if self.mtp_depths else [])
+
     def forward(
         self,
         input_ids: torch.Tensor,
@@ -123,14 +129,14 @@ class CausalLMObjective(nn.Module):
             return {"head_sums": losses.sum()[None]}
 
         hidden, targets = [h], [labels]
-        aux = _aux_terms(self.main_moes, input_ids.shape[0], h.device)
+        aux = aux_terms(self.main_moes, input_ids.shape[0], h.device)
         loads = [expert_load(moe.last_routing[1], moe.gate.weight.shape[0]) for moe in self.main_moes]
         mtp_loads = [0.0] * len(self.mtp_moes)
         depths = model.mtp_unroll(h, input_ids, self.mtp_depths, seq_idx) if self.mtp_depths else []
         for k, hk in enumerate(depths, 1):
             hidden.append(hk)
             targets.append(mtp_labels(labels, k, seq_idx))
-            aux = aux + _aux_terms(self.mtp_moes, input_ids.shape[0], h.device)
+            aux = aux + aux_terms(self.mtp_moes, input_ids.shape[0], h.device)
             mtp_loads = [total + expert_load(moe.last_routing[1], moe.gate.weight.shape[0])
                          for total, moe in zip(mtp_loads, self.mtp_moes)]
         rows = labels.numel()
@@ -149,7 +155,7 @@ class CausalLMObjective(nn.Module):
         }
 
 
-def _aux_terms(moes: list[LatentMoE], sequences: int, device: torch.device) -> torch.Tensor:
+def aux_terms(moes: list[LatentMoE], sequences: int, device: torch.device) -> torch.Tensor:
     """The sequence-level aux losses of the last forward of `moes`, summed over layers."""
     return sum((sequence_aux_loss(*moe.last_routing, sequences) for moe in moes), torch.zeros((), device=device))
 
