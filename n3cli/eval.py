@@ -316,9 +316,12 @@ def mtp(
                                                    "corpus).")] = None,
     data: Annotated[Path | None, typer.Option(help="A corpus prepared by `n3 data`: prompts from its validation "
                                                    "split.")] = None,
+    env: Annotated[list[str] | None, typer.Option("--env", "-e", metavar="ENV", help="Chat prompts instead: an "
+                   "environment's held-out prompts (as `n3 rlvr --env`), in the checkpoint's chat template. "
+                   "Repeatable.")] = None,
     depth: Annotated[int, typer.Option(min=1, help="The deepest draft: every depth from 1 to it is measured.")] = 3,
     prompts: Annotated[int, typer.Option(min=1, help="Prompts, at evenly spaced places in the text.")] = 16,
-    prompt_len: Annotated[int, typer.Option(min=2, help="Tokens per prompt.")] = 128,
+    prompt_len: Annotated[int, typer.Option(min=2, help="Tokens per prompt (with --env: the longest kept).")] = 128,
     max_tokens: Annotated[int, typer.Option(min=2, help="Tokens generated per prompt.")] = 128,
     temperature: Annotated[list[float] | None, typer.Option(min=0, help="0 is greedy; otherwise rejection "
                                                               "sampling. Repeatable (default: 0 and 1).")] = None,
@@ -335,18 +338,22 @@ def mtp(
     from stages.eval.perplexity import read_text, validation_tokens
     from stages.eval.report import write_json
 
-    if text is not None and data is not None:
-        raise UserError("give --text FILE or --data DIR, not both")
+    if sum(x is not None for x in (text, data, env)) > 1:
+        raise UserError("give one of --text FILE, --data DIR and --env ENV")
     backend = _open_backend(checkpoint, None, None, None, 1, preset, overrides, max_len=prompt_len + max_tokens,
                             speculative_tokens=depth)
-    if data is not None:
-        ids, source = validation_tokens(data, backend.tokenizer).ids, f"{data} (validation split)"
-    elif text is not None:
-        ids, source = backend.tokenizer.encode(read_text(text)), str(text)
+    if env is not None:
+        batch = _chat_prompts(backend.tokenizer, env, prompts, prompt_len)
+        source = f"held-out prompts of {', '.join(env)}"
     else:
-        corpus = builtin_corpus()
-        ids, source = backend.tokenizer.encode(corpus.text), corpus.description
-    batch = acceptance.text_prompts(ids, backend.encode(""), prompts, prompt_len)
+        if data is not None:
+            ids, source = validation_tokens(data, backend.tokenizer).ids, f"{data} (validation split)"
+        elif text is not None:
+            ids, source = backend.tokenizer.encode(read_text(text)), str(text)
+        else:
+            corpus = builtin_corpus()
+            ids, source = backend.tokenizer.encode(corpus.text), corpus.description
+        batch = acceptance.text_prompts(ids, backend.encode(""), prompts, prompt_len)
     console.print(f"model: {backend.description}\ntext: {source}")
     results = []
     for t in temperature or [0.0, 1.0]:
@@ -356,6 +363,18 @@ def mtp(
         print_acceptance(results[-1], f"MTP acceptance at temperature {t:g} ({prompts} prompts x {max_tokens} "
                                       "tokens)")
     _saved(write_json(_out_dir(out, "mtp") / "mtp.json", {"runs": [r.summary() for r in results]}))
+
+
+def _chat_prompts(tokenizer, env: list[str], count: int, longest: int) -> list[list[int]]:
+    """`count` held-out prompts of the environments in the chat template, those of at most `longest` tokens."""
+    from model.errors import UserError
+    from stages.envs.environments import blend_prompts, load_environments
+
+    rendered = [tokenizer.encode_chat(p.messages) for p in blend_prompts(load_environments(env), [], count, "test", 0)]
+    kept = [ids for ids in rendered if len(ids) <= longest]
+    if not kept:
+        raise UserError(f"none of the {len(rendered)} prompts fits --prompt-len {longest}; raise it")
+    return kept
 
 
 # --- lm-eval --------------------------------------------------------------------------------------------------------

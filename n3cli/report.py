@@ -254,10 +254,10 @@ def print_acceptance(result, title: str) -> None:
     and conditional per-position acceptance, and the decode speed against plain decoding."""
     table = Table("draft length", "acceptance length", f"position accepted (length {result.runs[-1].depth})",
                   "given the one before", "tokens/s", "speedup", title=title)
-    table.add_row("0 (plain)", "1.000", "", "", f"{result.plain.tokens_per_s:.0f}", "1.00x")
+    table.add_row("0 (plain)", "1.000", "", "", f"{result.plain_tokens_per_s:.0f}", "1.00x")
     for run, rate, conditional in zip(result.runs, result.rates, result.conditional):
         table.add_row(str(run.depth), f"{run.length:.3f}", f"{rate:.3f}", f"{conditional:.3f}",
-                      f"{run.tokens_per_s:.0f}", f"{result.speedup(run):.2f}x")
+                      f"{run.tokens_per_s:.0f}", f"{run.speedup:.2f}x")
     console.print(table)
 
 
@@ -297,5 +297,5 @@ def print_mtp_boost(result) -> None:
     console.print(rates)
     for n in names:
         b, a = before.acceptance[n], after.acceptance[n]
-        console.print(f"decode speedup at the fastest draft length, {n}: before {b.speedup(b.best):.2f}x "
-                      f"(length {b.best.depth}), after {a.speedup(a.best):.2f}x (length {a.best.depth})")
+        console.print(f"decode speedup at the fastest draft length, {n}: before {b.best.speedup:.2f}x "
+                      f"(length {b.best.depth}), after {a.best.speedup:.2f}x (length {a.best.depth})")

@@ -140,6 +140,8 @@ def mtp_boost(cfg: RunConfig, run: Path, checkpoint: Path | None, init: bool = F
         progress.note(f"built an MTP head of pattern {mb.init_pattern!r} for {start}")
     eval_prompts = [tokenizer.encode_chat(p, enable_thinking=mb.reasoning) for p in heldout_prompts]
     saved = run / "before.json"
+    if path is not None and not saved.is_file():  # written before the first checkpoint: a resumed run has it
+        raise UserError(f"cannot resume {run}: {saved.name}, the starting head's figures, is missing")
     before = Measured.from_summary(json.loads(saved.read_text())) if saved.is_file() else None
     # Measured on the model as loaded, before data-parallel wrappers (FSDP2) shard its weights.
     accepted = _acceptance(cfg, model, tokenizer, eval_prompts, "before", progress) \

@@ -28,10 +28,10 @@ from kernels import linear_cross_entropy
 from kernels.cross_entropy import IGNORE
 from kernels.distill import linear_kl
 from model.hybrid import NemotronH
-from presets.schema import TrainConfig
+from presets.schema import CHOICES, TrainConfig
 from stages.runtime.losses import aux_terms, expert_load, moe_layers, mtp_labels
 
-INPUTS = ("mixing", "recursion")
+INPUTS = CHOICES["mtp_boost.inputs"]
 
 
 class MTPDistillObjective(nn.Module):
