@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from model.checkpoint import config_from_hf, from_pretrained, read_config
+from model.config import ModelConfig
 from model.errors import UserError
 from model.hybrid import NemotronH, with_mtp_head
 from model.tokenizer import Tokenizer
@@ -208,7 +209,7 @@ class Clock:
         return self.parts | {"total": self.last - self.first}
 
 
-def _check_head(model_cfg, start: Path, init: bool) -> None:
+def _check_head(model_cfg: ModelConfig, start: Path, init: bool) -> None:
     if init and model_cfg.mtp_pattern:
         raise UserError(f"{start} has an MTP head already (pattern {model_cfg.mtp_pattern!r}); drop --init to train it")
     if not init and not model_cfg.mtp_pattern:
@@ -285,7 +286,7 @@ def _generate(backend: EngineBackend, prompts: list, mb, rank: int, name: str, p
     rows = []
     for first in range(0, len(prompts), mb.engine_batch):
         chunk = prompts[first : first + mb.engine_batch]
-        seed = step_seed(mb.train.seed, first, rank) + (name == "heldout")
+        seed = step_seed(mb.train.seed, -1 - first if name == "heldout" else first, rank)
         for (reply,) in backend.rollout(chunk, mb.max_tokens, n=1, temperature=1.0, seed=seed,
                                         enable_thinking=mb.reasoning):
             rows.append({"prompt_ids": reply.prompt_ids, "token_ids": reply.token_ids})
