@@ -20,7 +20,7 @@ from stages.rollout.pipeline import StalenessError, run_pipeline
 from stages.runtime.distributed import World
 from stages.runtime.metrics import read_metrics
 from tests.test_engine import random_model
-from tests.test_pretrain import assert_killed_and_resumed_repeats, environment
+from tests.test_pretrain import assert_killed_and_resumed_repeats
 from tests.test_rlvr import PARITY, run_n3
 
 FAST = ["mopd.train.steps=3", "mopd.prompts_per_step=4", "mopd.group_size=2", "mopd.max_tokens=8",
@@ -332,18 +332,11 @@ def test_bad_input_is_one_line_and_exit_2(base, args, message):
 
 def test_async_pipeline_is_what_the_stage_runs_under_torchrun(base):
     """Two ranks, each with its own engine and teacher, the learner DDP: the steps and curves come out."""
-    import os
-    import subprocess
-
-    from tests.test_pretrain import TORCHRUN
+    from tests.test_pretrain import torchrun
 
     run = base / "torchrun"
-    process = subprocess.run(
-        [str(TORCHRUN), "--nproc-per-node", "2", "--master-port", str(29900 + os.getpid() % 90),
-         "-m", "n3cli", "mopd", "-c", "student", *TEACHER, "--out", str(run),
-         *settings("mopd.train.steps=2", "mopd.warmup.steps=1", "mopd.warmup.global_batch_size=4",
-                   "parallel.strategy=ddp")],
-        cwd=base, capture_output=True, text=True, env=environment(), timeout=300,
-    )
+    process = torchrun("mopd", "-c", "student", *TEACHER, "--out", str(run),
+                       *settings("mopd.train.steps=2", "mopd.warmup.steps=1", "mopd.warmup.global_batch_size=4",
+                                 "parallel.strategy=ddp"), cwd=base)
     assert process.returncode == 0, process.stderr[-3000:]
     assert [r["step"] for r in read_metrics(run / "metrics.jsonl")] == [1, 2]

@@ -230,18 +230,12 @@ def test_bad_input_is_one_line_and_exit_2(base, args, message):
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
 def test_two_ranks_under_torchrun(base, strategy):
     """Each rank replies to its share of the prompts; the head trains under DDP or FSDP2, the backbone frozen."""
-    import os
-    import subprocess
-
-    from tests.test_pretrain import TORCHRUN, environment
+    from tests.test_pretrain import torchrun
 
     run = base / f"torchrun-{strategy}"
-    process = subprocess.run(
-        [str(TORCHRUN), "--nproc-per-node", "2", "--master-port", str(29500 + os.getpid() % 200),
-         "-m", "n3cli", "mtp-boost", "-c", "base", "--env", "math:1", "--out", str(run),
-         *settings("mtp_boost.train.steps=2", "mtp_boost.train.micro_batch_size=1", f"parallel.strategy={strategy}")],
-        cwd=base, capture_output=True, text=True, env=environment(), timeout=300,
-    )
+    process = torchrun("mtp-boost", "-c", "base", "--env", "math:1", "--out", str(run),
+                       *settings("mtp_boost.train.steps=2", "mtp_boost.train.micro_batch_size=1",
+                                 f"parallel.strategy={strategy}"), cwd=base)
     assert process.returncode == 0, process.stderr[-3000:]
     assert [r["step"] for r in read_metrics(run / "metrics.jsonl")] == [1, 2]
     summary = json.loads((run / "mtp-boost.json").read_text())

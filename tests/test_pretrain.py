@@ -18,6 +18,7 @@ import model as n3
 from n3cli.main import main
 from stages.runtime.corpus import Manifest
 from stages.runtime.metrics import read_metrics
+from tests.conftest import free_port
 
 N3 = Path(sys.executable).parent / "n3"
 TORCHRUN = Path(sys.executable).parent / "torchrun"
@@ -27,6 +28,12 @@ FAST = ["train.seq_len=32", "train.micro_batch_size=2", "train.global_batch_size
 
 def settings(corpus: Path, *extra: str) -> list[str]:
     return [arg for item in [*FAST, f"data.path={corpus}", *extra] for arg in ("--set", item)]
+
+
+def torchrun(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """`torchrun --nproc-per-node 2 -m n3cli ARGS`: two gloo processes, the tests' environment, a free port."""
+    return subprocess.run([str(TORCHRUN), "--nproc-per-node", "2", "--master-port", str(free_port()), "-m", "n3cli",
+                           *args], cwd=cwd, capture_output=True, text=True, env=environment(), timeout=300)
 
 
 def cli(capsys, *args: str) -> tuple[int, str, str]:
@@ -123,12 +130,7 @@ def test_two_gloo_processes_match_one(small_corpus, tmp_path, strategy):
     args = [*settings(small_corpus, "train.steps=3", "train.eval_interval=3", f"parallel.strategy={strategy}")]
     single = n3_process("pretrain", "--out", str(tmp_path / "one"), *args)
     assert single.wait(timeout=300) == 0, single.stderr.read()
-    env = environment()
-    two = subprocess.run(
-        [str(TORCHRUN), "--nproc-per-node", "2", "--master-port", str(29500 + os.getpid() % 1000),
-         "-m", "n3cli", "pretrain", "--out", str(tmp_path / "two"), *args],
-        capture_output=True, text=True, env=env, timeout=300,
-    )
+    two = torchrun("pretrain", "--out", str(tmp_path / "two"), *args)
     assert two.returncode == 0, two.stderr[-3000:]
     one, both = read_metrics(tmp_path / "one" / "metrics.jsonl"), read_metrics(tmp_path / "two" / "metrics.jsonl")
     assert len(one) == len(both) == 3

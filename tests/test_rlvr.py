@@ -186,18 +186,11 @@ def test_rollouts_from_n3_serve_follow_the_learner(base, tokenizer, tmp_path, mo
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
 def test_two_ranks_under_torchrun(base, strategy):
     """Each rank samples its share of the prompts in its own engine; the learner is DDP or FSDP2."""
-    import os
-    import subprocess
-
-    from tests.test_pretrain import TORCHRUN
+    from tests.test_pretrain import torchrun
 
     run = base / f"torchrun-{strategy}"
-    process = subprocess.run(
-        [str(TORCHRUN), "--nproc-per-node", "2", "--master-port", str(29700 + os.getpid() % 200),
-         "-m", "n3cli", "rlvr", "-c", "base", "--env", "toyenv:Parity", "--out", str(run),
-         *settings("rlvr.train.steps=2", f"parallel.strategy={strategy}")],
-        cwd=base, capture_output=True, text=True, env=environment(), timeout=300,
-    )
+    process = torchrun("rlvr", "-c", "base", "--env", "toyenv:Parity", "--out", str(run),
+                       *settings("rlvr.train.steps=2", f"parallel.strategy={strategy}"), cwd=base)
     assert process.returncode == 0, process.stderr[-3000:]
     records = read_metrics(run / "metrics.jsonl")
     assert [r["step"] for r in records] == [1, 2]

@@ -3,9 +3,7 @@ chat template, a SIGKILLed run resumed to bitwise the same losses, two gloo proc
 plain weights, chat files as data, and clear errors for bad input."""
 
 import json
-import os
 import re
-import subprocess
 
 import pytest
 import torch
@@ -17,7 +15,7 @@ from stages.chat.sources import parse_chat_sources
 from stages.runtime.metrics import read_metrics
 from stages.sft import sft
 from tests.test_engine import random_model
-from tests.test_pretrain import TORCHRUN, assert_killed_and_resumed_repeats, cli, environment, n3_process
+from tests.test_pretrain import assert_killed_and_resumed_repeats, cli, n3_process, torchrun
 
 FAST = ["sft.train.seq_len=256", "sft.train.micro_batch_size=2", "sft.train.global_batch_size=4",
         "sft.train.steps=4", "sft.train.warmup_steps=1", "sft.train.eval_interval=2", "sft.train.eval_sequences=4",
@@ -91,11 +89,7 @@ def test_two_gloo_processes_match_one(base, tmp_path, strategy):
     args = ["-c", str(base), *settings("sft.train.steps=2", f"parallel.strategy={strategy}", "sft.eval_problems=1")]
     single = n3_process("sft", "--out", str(tmp_path / "one"), *args)
     assert single.wait(timeout=300) == 0, single.stderr.read()
-    two = subprocess.run(
-        [str(TORCHRUN), "--nproc-per-node", "2", "--master-port", str(29600 + os.getpid() % 1000),
-         "-m", "n3cli", "sft", "--out", str(tmp_path / "two"), *args],
-        capture_output=True, text=True, env=environment(), timeout=300,
-    )
+    two = torchrun("sft", "--out", str(tmp_path / "two"), *args)
     assert two.returncode == 0, two.stderr[-3000:]
     one, both = read_metrics(tmp_path / "one" / "metrics.jsonl"), read_metrics(tmp_path / "two" / "metrics.jsonl")
     for a, b in zip(one, both, strict=True):
