@@ -11,6 +11,7 @@ import model as n3
 from kernels.cross_entropy import IGNORE
 from kernels.distill import linear_kl
 from model.hybrid import with_mtp_head
+from model.tokenizer import Tokenizer
 from stages.runtime.distill import MTPDistillObjective, mixed_input
 from stages.runtime.losses import head_token_counts, mtp_labels
 from stages.runtime.metrics import read_metrics
@@ -210,6 +211,23 @@ def test_init_builds_a_head_for_a_checkpoint_without_one(base):
     assert "built (--init)" in out
     grown = n3.from_pretrained(base / "grown" / "checkpoints" / "step-00000002")
     assert grown.config.mtp_pattern == "*E"
+
+
+def test_prompts_from_a_chat_dataset(base):
+    """--data: each conversation up to its last assistant turn is a prompt; a hashed share is held out."""
+    rows = [{"messages": [{"role": "user", "content": f"Count to {i}."}, {"role": "assistant", "content": "1 2"},
+                          {"role": "user", "content": "Again, slower."}, {"role": "assistant", "content": "1 ... 2"}]}
+            for i in range(30)]
+    (base / "chats.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    status, out, err = run_n3(base, "mtp-boost", "-c", "base", "--data", "chats.jsonl", "--out", "chat",
+                              *settings("mtp_boost.train.steps=1", "mtp_boost.val_fraction=0.3"))
+    assert status == 0, err
+    summary = json.loads((base / "chat" / "mtp-boost.json").read_text())
+    train, heldout = summary["replies"]["train"]["prompts"], summary["replies"]["heldout"]["prompts"]
+    assert train == 12 and 1 <= heldout <= 4  # mtp_boost.prompts of the training share, eval_prompts at most
+    replies = [json.loads(line) for line in (base / "chat" / "replies" / "train.jsonl").read_text().splitlines()]
+    rendered = Tokenizer.load(base / "base").decode(replies[0]["prompt_ids"])
+    assert "Again, slower." in rendered and "1 ... 2" not in rendered  # the second user turn, not the last reply
 
 
 @pytest.mark.parametrize("args, message", [
