@@ -142,16 +142,22 @@ def test_ssd_span_equals_successive_steps(dtype, tolerance):
         torch.testing.assert_close(states[:, i], state, rtol=tolerance, atol=tolerance)
 
 
-@pytest.mark.parametrize("ssm_dtype", [torch.float32, torch.float16])
-def test_verification_keeps_the_state_after_every_position(ssm_dtype):
-    """A forward of 6 tokens keeping positions gives the outputs of 6 decode steps, and rewinding each row to its kept
-    positions leaves the states those steps left there (fp16 with stochastic rounding: within its rounding)."""
+def random_mamba_mixer() -> tuple[n3.ModelConfig, Mamba2Mixer]:
+    """A Mamba-2 mixer of the tiny shape with weights normal(0, 0.3): states that move visibly step to step."""
     torch.manual_seed(0)
     cfg = tiny_config(pattern="M")
     mixer = Mamba2Mixer(cfg).eval()
     with torch.no_grad():
         for p in mixer.parameters():
             p.normal_(std=0.3)
+    return cfg, mixer
+
+
+@pytest.mark.parametrize("ssm_dtype", [torch.float32, torch.float16])
+def test_verification_keeps_the_state_after_every_position(ssm_dtype):
+    """A forward of 6 tokens keeping positions gives the outputs of 6 decode steps, and rewinding each row to its kept
+    positions leaves the states those steps left there (fp16 with stochastic rounding: within its rounding)."""
+    cfg, mixer = random_mamba_mixer()
     rows, t = 3, 6
     g = torch.Generator().manual_seed(1)
     prefix, fed = torch.randn(rows, 5, cfg.hidden_size, generator=g), torch.randn(rows, t, cfg.hidden_size, generator=g)
@@ -383,12 +389,8 @@ def test_background_engine_serves_threads(model):
 def test_fp16_stochastic_rounding_stays_closer_to_fp32():
     """A Mamba state that decays slowly (dt |A| = 1e-4) under coherent inputs: each step's change is below half an
     fp16 ulp of the state, so round-to-nearest drifts; stochastic rounding stays unbiased."""
-    torch.manual_seed(0)
-    cfg = tiny_config(pattern="M")
-    mixer = Mamba2Mixer(cfg).eval()
+    cfg, mixer = random_mamba_mixer()
     with torch.no_grad():
-        for p in mixer.parameters():
-            p.normal_(std=0.3)
         mixer.A_log.fill_(math.log(0.1))
         mixer.dt_bias.fill_(math.log(math.expm1(1e-3)))
     steps, rows = 2500, 8
