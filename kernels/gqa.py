@@ -2,8 +2,9 @@
 
 Fast path on CUDA in fp16 / bf16: flash-attn's `flash_attn_func` for full causal sequences, `flash_attn_varlen_func`
 for packed rows (`seq_idx`, see kernels.documents), each document a sequence of its own. Elsewhere packed rows go
-through SDPA with a mask that is causal and block-diagonal over documents. With a KV cache the queries sit at known
-absolute positions and a boolean mask says which keys each may see; SDPA then picks its own fused kernel.
+through SDPA with a mask that is causal and block-diagonal over documents. With a KV cache, or as a context-parallel
+slice of longer rows (model.context), the queries sit at known absolute positions and a boolean mask says which keys
+each may see; SDPA then picks its own fused kernel.
 """
 
 from __future__ import annotations
@@ -25,17 +26,17 @@ def attention(
     """q (b, hq, tq, d); k, v (b, hkv, tk, d) with hq a multiple of hkv; scale d ** -0.5.
 
     q_positions None: q and k are the same tokens, causal. Otherwise (b, tq) absolute positions: query i of row b
-    sees keys 0..q_positions[b, i] (keys past a row's length are never seen). seq_idx (b, t), only without
-    q_positions: the document index of each token; a query sees only the earlier keys of its own document.
-    Returns (b, hq, tq, d).
+    sees keys 0..q_positions[b, i] (keys past a row's length are never seen). seq_idx (b, tk): the document index of
+    each key (without q_positions the queries are the keys); a query, whose document is that of the key at its own
+    position, sees only the earlier keys of its own document. Returns (b, hq, tq, d).
     """
     gqa = q.shape[1] != k.shape[1]
     if q_positions is not None:
-        if seq_idx is not None:
-            raise ValueError("attention: seq_idx marks the documents of whole rows; it cannot go with q_positions")
         keys = torch.arange(k.shape[2], device=q.device)
-        mask = keys[None, None, None, :] <= q_positions[:, None, :, None]  # (b, 1, tq, tk)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+        mask = keys[None, :] <= q_positions[:, :, None]  # (b, tq, tk)
+        if seq_idx is not None:  # a context-parallel slice of packed rows (model.context): keys of the whole rows
+            mask = mask & (seq_idx[:, None, :] == seq_idx.gather(1, q_positions)[:, :, None])
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None], enable_gqa=gqa)
     flash = fast_path("attention", q.is_cuda) == "flash" and q.dtype in (torch.float16, torch.bfloat16)
     if seq_idx is not None:
         if flash:

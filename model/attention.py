@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from kernels import attention
+from model import context
 from model.config import ModelConfig
 
 
@@ -20,14 +21,19 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, cache=None, seq_idx: torch.Tensor | None = None) -> torch.Tensor:
         """x (b, t, d). With a cache (model.cache.KVCache) the new keys and values are appended per row first. Without
-        one, seq_idx (b, t) gives each token's document in a packed row: a token attends within its document only."""
+        one, seq_idx (b, t) gives each token's document in a packed row: a token attends within its document only.
+        Under context parallelism (model.context) x and seq_idx are this rank's slice of the rows: the keys, values
+        and documents of the whole rows are gathered, and the slice's queries attend at their absolute positions."""
         b, t, _ = x.shape
         q = self.q_proj(x).view(b, t, self.heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
-        if cache is None:
-            out = attention(q, k, v, seq_idx=seq_idx)
-        else:
+        if cache is not None:
             k, v, positions = cache.append(k, v)
             out = attention(q, k, v, q_positions=positions)
+        elif context.active() is None:
+            out = attention(q, k, v, seq_idx=seq_idx)
+        else:
+            k, v, seq_idx = context.gather_sequence(k, 2), context.gather_sequence(v, 2), context.gather_sequence(seq_idx)
+            out = attention(q, k, v, q_positions=context.positions(b, t, x.device), seq_idx=seq_idx)
         return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))

@@ -80,6 +80,19 @@ class ModelConfig:
     def expert_width(self) -> int:
         return self.moe_latent_size or self.hidden_size
 
+    def context_parallel_problem(self, ranks: int) -> str | None:
+        """Why the Mamba-2 layers cannot run context-parallel over `ranks` ranks (each scans the whole sequence for an
+        equal share of the heads, see model.context), or None when they can."""
+        if "M" not in self.pattern or ranks == 1:
+            return None
+        if self.mamba_num_heads % ranks:
+            return (f"parallel.context ({ranks}) must divide model.mamba_num_heads ({self.mamba_num_heads}): each "
+                    "context-parallel rank scans the whole sequence for an equal share of the Mamba heads")
+        if self.mamba_groups % ranks and ranks % self.mamba_groups:
+            return (f"parallel.context ({ranks}) and model.mamba_groups ({self.mamba_groups}) must divide one "
+                    "another: each context-parallel rank takes whole B/C groups, or shares one with its neighbours")
+        return None
+
     def validate(self) -> None:
         """Raise ValueError naming the first inconsistent field."""
         parts = self.pattern.split("/")

@@ -9,7 +9,9 @@ from collections.abc import Iterator
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
+from model import context
 from model.attention import Attention
 from model.config import ModelConfig
 from model.mamba2 import Mamba2Mixer
@@ -39,7 +41,18 @@ class Block(nn.Module):
         if cache is not None and seq_idx is not None:
             raise ValueError("seq_idx marks the documents of packed training rows; a cache row is one request: "
                              "pass one or the other")
+        if cache is not None and context.active() is not None:
+            raise ValueError("context parallelism splits packed training rows over ranks; a cache row is one request: "
+                             "run it outside model.context.context_parallel")
         return h + self.mixer(self.norm(h), cache, seq_idx)
+
+
+def run_sublayer(layer: Block, h: torch.Tensor, cache, seq_idx: torch.Tensor | None, recompute: bool) -> torch.Tensor:
+    """One sublayer; with `recompute` (activation checkpointing, training forwards only) its activations are not
+    kept but recomputed in the backward (torch.utils.checkpoint, non-reentrant)."""
+    if recompute and cache is None and torch.is_grad_enabled():
+        return checkpoint(layer, h, None, seq_idx, use_reentrant=False)
+    return layer(h, cache, seq_idx)
 
 
 class Backbone(nn.Module):
@@ -51,11 +64,13 @@ class Backbone(nn.Module):
         self.residual_rms: list[torch.Tensor] | None = None
         """Set to a list to have every forward append each sublayer's output RMS (detached fp32 scalars): the
         per-layer residual norms training watches, since early-layer spikes preceded divergence."""
+        self.checkpointing = False
+        """Activation checkpointing (NemotronH.set_activation_checkpointing)."""
 
     def forward(self, input_ids: torch.Tensor, cache=None, seq_idx: torch.Tensor | None = None) -> torch.Tensor:
         h = self.embeddings(input_ids)
         for i, layer in enumerate(self.layers):
-            h = layer(h, None if cache is None else cache.layers[i], seq_idx)
+            h = run_sublayer(layer, h, None if cache is None else cache.layers[i], seq_idx, self.checkpointing)
             if self.residual_rms is not None:
                 self.residual_rms.append(torch.linalg.vector_norm(h.detach(), dtype=torch.float32) / h.numel() ** 0.5)
         return self.norm_f(h)
@@ -84,6 +99,7 @@ class MTP(nn.Module):
         self.layers = nn.ModuleList(
             MTPBlock(cfg, kind, first=j == 0, last=j == n - 1) for j, kind in enumerate(cfg.mtp_pattern)
         )
+        self.checkpointing = False
 
     def forward(
         self, h_prev: torch.Tensor, next_emb: torch.Tensor, caches=None, seq_idx: torch.Tensor | None = None
@@ -94,7 +110,7 @@ class MTP(nn.Module):
         first, last = self.layers[0], self.layers[-1]
         h = first.eh_proj(torch.cat([first.enorm(next_emb), first.hnorm(h_prev)], dim=-1))
         for j, layer in enumerate(self.layers):
-            h = layer(h, None if caches is None else caches[j], seq_idx)
+            h = run_sublayer(layer, h, None if caches is None else caches[j], seq_idx, self.checkpointing)
         return last.final_layernorm(h)
 
 
@@ -119,6 +135,13 @@ class NemotronH(nn.Module):
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         return self.lm_head(h).float()
 
+    def set_activation_checkpointing(self, on: bool) -> None:
+        """With it on, a training forward keeps only each sublayer's input (backbone and MTP block) and the backward
+        recomputes the sublayer: activations fall to one hidden state per sublayer and token."""
+        self.model.checkpointing = on
+        if self.mtp is not None:
+            self.mtp.checkpointing = on
+
     def mtp_hidden(
         self, h: torch.Tensor, input_ids: torch.Tensor, depths: int, seq_idx: torch.Tensor | None = None
     ) -> list[torch.Tensor]:
@@ -141,7 +164,8 @@ class NemotronH(nn.Module):
         """Depth k of the teacher-forced unroll from its input hidden h (b, t, d): position i fed emb(t_{i+k})."""
         if self.mtp is None:
             raise ValueError("this model has no MTP head (its pattern has no '/')")
-        return self.mtp(h, self.model.embeddings(torch.roll(input_ids, -k, dims=1)), seq_idx=seq_idx)
+        # Under context parallelism the tokens k ahead of a slice's last positions lie in the next slice.
+        return self.mtp(h, self.model.embeddings(context.roll_sequence(input_ids, -k)), seq_idx=seq_idx)
 
     @torch.no_grad()
     def init_weights(self) -> None:

@@ -1,8 +1,14 @@
 """The plan of a run, computed without allocating: the model is built on the meta device.
 
 Every stage's --dry-run prints it: parameter counts (total, active, by block type), the size of the weights in each
-precision, the format each GEMM runs in under the preset's low-precision recipe, the parallel layout, and the model
-state (weights, gradients, optimizer) each device holds.
+precision, the format each GEMM runs in under the preset's low-precision recipe, the parallel layout, the model
+state (weights, gradients, optimizer) each device holds, and the activations one micro-batch keeps for its backward.
+
+Activations are counted from what n3's training forward saves per token (see `saved_per_token`; tests compare the
+count with the tensors autograd saves on the tiny shape): linear in the tokens a device holds (micro-batch x seq_len
+/ context), since attention saves its output and log-sum-exp, not the scores, and the Mamba scan's quadratic terms
+stay within a chunk. With activation checkpointing a sublayer keeps its input alone, and the backward holds one
+sublayer's full activations at a time on top.
 """
 
 from __future__ import annotations
@@ -10,12 +16,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from model import lowp
+from model.config import ModelConfig
 from model.hybrid import build
 from model.params import ParamCount, count_parameters
 from presets.schema import RunConfig
 
 BITS = {"fp32": 32, "bf16": 16, "fp8": 8, "nvfp4": 4.5}
 """Stored bits per weight; NVFP4 is 4 bits plus one 8-bit scale per 16 elements."""
+NORM = 2
+"""A pre-norm saves its input and its output, hidden_size elements each."""
 
 
 @dataclass
@@ -35,6 +44,15 @@ class Plan:
     """Parameters whose training state one device holds after tensor, pipeline, expert and FSDP sharding."""
     state_bytes_per_device: int
     """Weights, gradients and two Adam moments on one device; activations come on top."""
+    tokens_per_device: int
+    """Tokens of one micro-batch on one device: micro_batch_size x seq_len / context."""
+    activation_bytes: int
+    """What one micro-batch's forward keeps for the backward on one device, as the run trains (with or without
+    activation checkpointing, train.activation_checkpointing)."""
+    activation_bytes_full: int
+    """The same without activation checkpointing."""
+    activation_bytes_checkpointed: int
+    """The same with activation checkpointing per sublayer."""
 
 
 def plan_run(cfg: RunConfig) -> Plan:
@@ -46,15 +64,20 @@ def plan_run(cfg: RunConfig) -> Plan:
         gemm_formats[fmt] = gemm_formats.get(fmt, 0) + sum(p.numel() for p in model.get_submodule(name).parameters())
     par, train = cfg.parallel, cfg.train
     # Tensor and pipeline parallelism split everything; expert parallelism splits the routed experts; FSDP then
-    # shards dense weights over the data-parallel ranks and experts over the ranks that hold the same experts.
+    # shards dense weights over the data- and context-parallel ranks (the ranks of a context-parallel group hold the
+    # same weights), and experts over those of them that hold the same experts.
     dense_shards = par.tensor * par.pipeline
     routed_shards = dense_shards * par.expert
     if par.strategy == "fsdp":
-        dense_shards *= par.data
-        routed_shards *= par.data // par.expert
+        dense_shards *= par.data * par.context
+        routed_shards *= max(1, par.data * par.context // par.expert)
     per_device = (params.total - params.routed) / dense_shards + params.routed / routed_shards
     param_bytes = BITS[cfg.precision.params] / 8
     state_bytes = per_device * (2 * param_bytes + 8)  # weights + gradients in the params dtype, Adam moments in fp32
+    tokens = train.micro_batch_size * train.seq_len // par.context
+    compute_bytes = 4 if cfg.precision.compute == "fp32" else 2  # fp8 / nvfp4 keep bf16 activations
+    full, checkpointed = (compute_bytes * tokens * activations_per_token(cfg.model, train.mtp_depths, recompute)
+                          for recompute in (False, True))
     return Plan(
         config=cfg,
         params=params,
@@ -67,5 +90,47 @@ def plan_run(cfg: RunConfig) -> Plan:
         grad_accumulation=train.global_batch_size // (train.micro_batch_size * par.data),
         params_per_device=int(per_device),
         state_bytes_per_device=int(state_bytes),
+        tokens_per_device=tokens,
+        activation_bytes=int(checkpointed if train.activation_checkpointing else full),
+        activation_bytes_full=int(full),
+        activation_bytes_checkpointed=int(checkpointed),
     )
+
+
+def saved_per_token(model: ModelConfig, kind: str) -> float:
+    """Elements one sublayer of `kind` (a pattern character) saves for its backward per token, its pre-norm included."""
+    d, H, G, N, L = (model.hidden_size, model.mamba_num_heads, model.mamba_groups, model.ssm_state_size,
+                     model.chunk_size)
+    if kind == "M":
+        inner, conv = model.mamba_inner, model.mamba_conv_dim
+        projections = (inner + conv + H) + inner  # in_proj's output, out_proj's input
+        conv_layer = 3 * conv  # the window, the conv's output, SiLU's output
+        scan = 5 * inner + 4 * G * N + (2 * H + G) * L + 2 * H * model.mamba_head_dim * N / L
+        # x * dt, the decayed in-chunk scores per head and the C.B scores per group (each a chunk wide), the chunk
+        # states and the states entering each chunk (one per chunk), the partial outputs; B and C in the chunked form
+        return NORM * d + projections + conv_layer + scan + 2 * inner  # the gated norm's input and gate
+    if kind == "*":
+        q, kv = model.num_attention_heads * model.head_dim, model.num_key_value_heads * model.head_dim
+        return NORM * d + q + 2 * kv + 2 * q + model.num_attention_heads  # q, k, v; output and o_proj's input; lse
+    if kind == "E":
+        latent, k = model.moe_latent_size or d, model.num_experts_per_tok
+        routed = k * (2 * latent + 2 * model.moe_intermediate_size)  # per copy: input, up, relu^2, down
+        return NORM * d + model.n_routed_experts + 2 * latent + routed + 2 * model.moe_shared_expert_intermediate_size
+    return NORM * d + 2 * model.intermediate_size  # "-": the dense MLP's up output and its activation
+
+
+def activations_per_token(model: ModelConfig, mtp_depths: int, recompute: bool) -> float:
+    """Elements one token keeps for the backward: every sublayer, each MTP depth (its sublayers, the eh_proj fusion
+    of two normed halves, its final norm), the embedding, the final norm and the hidden the chunked cross-entropy
+    reads (logits are never kept whole). With `recompute` a sublayer keeps its input alone, plus the largest
+    sublayer's activations, held while the backward recomputes it."""
+    d = model.hidden_size
+    base = d + NORM * d + d
+    sublayers = [saved_per_token(model, kind) for kind in model.main_pattern]
+    mtp = [saved_per_token(model, kind) for kind in model.mtp_pattern] if mtp_depths else []
+    mtp_extra = 3 * NORM * d + d  # enorm, hnorm, final norm; the hidden its loss reads
+    if recompute:
+        peak = max(sublayers + mtp)
+        return base + d * len(sublayers) + mtp_depths * (mtp_extra + d * len(mtp)) + peak
+    return base + sum(sublayers) + mtp_depths * (mtp_extra + sum(mtp))
 

@@ -1,5 +1,6 @@
 """`n3 pretrain`: train a model from scratch on a prepared corpus (REFERENCE.md section 2), resumable, single-process
-or under torchrun.
+or under torchrun, data-parallel and context-parallel (parallel.context: groups of ranks share each sequence, see
+runtime/context.py).
 
 The run folder (made by the CLI, which also saves the resolved preset there) receives metrics.jsonl and
 checkpoints/step-<8 digits>/ (see runtime/checkpointing.py). The run ends with a validation loss, compared with the
@@ -25,6 +26,7 @@ from presets.schema import RunConfig
 from stages.runtime import distributed
 from stages.runtime.batches import PackedBatches, validation_batches
 from stages.runtime.checkpointing import latest_resumable, read_trainer_state, resume_loop, start_run_folder
+from stages.runtime.context import ContextLayout
 from stages.runtime.corpus import Manifest
 from stages.runtime.loop import LoopResult, TrainingJob, run_loop, validation
 from stages.runtime.losses import CausalLMObjective
@@ -67,7 +69,8 @@ def pretrain(
     `preset_toml`, the resolved preset, is saved in a new run folder as <preset name>.toml for --resume."""
     progress = progress or Quiet()
     world = distributed.setup(cfg)
-    distributed.check_layout(cfg, world)
+    distributed.check_layout(cfg, world, context_parallel=True)
+    layout = ContextLayout.setup(cfg, world)
     configure_kernels(cfg)
     if prepare_corpus is not None and world.is_main:
         prepare_corpus()
@@ -83,7 +86,7 @@ def pretrain(
     objective = distributed.prepare_model(CausalLMObjective(model, cfg.train.mtp_depths), cfg, world, progress.note)
     optimizer = build_optimizer(objective, cfg.train)
     batches = PackedBatches(corpus, manifest, cfg.train.seq_len, cfg.train.micro_batch_size,
-                            cfg.train.global_batch_size, steps, world.rank, world.size, cfg.train.seed)
+                            cfg.train.global_batch_size, steps, layout.data_rank, layout.data_size, cfg.train.seed)
     start, monitor_state = 0, None
     if resume:
         path = latest_resumable(run)
@@ -100,9 +103,10 @@ def pretrain(
             total_steps=steps, run=Path(run), tokenizer=tokenizer, progress=progress,
             flops_per_token=flops_per_token(cfg.model, cfg.train.seq_len, cfg.train.mtp_depths),
             peak_flops=peak_flops(world.device, cfg.train.peak_tflops),
-            evaluate=validation(objective, val, cfg.precision.compute, world),
+            evaluate=validation(objective, val, cfg.precision.compute, world, layout),
             trainer_state={"stage": "pretrain", "corpus": manifest.fingerprint, "preset": cfg.name,
                            "total_steps": steps},
+            context=layout,
         )
         result = run_loop(job, start, monitor_state)
     world.barrier()

@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from model.config import ModelConfig
 from model.errors import UserError
 from presets.schema import RunConfig, TrainConfig
 
@@ -95,27 +96,47 @@ def teardown() -> None:
         dist.destroy_process_group()
 
 
-def check_layout(cfg: RunConfig, world: World, train: TrainConfig | None = None) -> None:
+def check_layout(
+    cfg: RunConfig, world: World, train: TrainConfig | None = None, model: ModelConfig | None = None,
+    context_parallel: bool = False,
+) -> None:
     """What this trainer runs: data parallelism (DDP or FSDP2) over all ranks; FSDP shards experts like any weight.
-    `train` is the stage's optimisation table (default: pretraining's [train])."""
-    train = train or cfg.train
+    `context_parallel`: the stage also runs parallel.context > 1 (it trains through stages.runtime.context, whose
+    groups of C ranks share each sequence); other stages refuse it. `train` is the stage's optimisation table
+    (default: pretraining's [train]), `model` the shape it trains (default: the preset's)."""
+    train, model = train or cfg.train, model or cfg.model
     parallel = cfg.parallel
-    for key in ("tensor", "pipeline", "context"):
+    for key in ("tensor", "pipeline") + (() if context_parallel else ("context",)):
         if getattr(parallel, key) > 1:
             raise UserError(
-                f"parallel.{key} = {getattr(parallel, key)}: training runs data-parallel (DDP or FSDP2) only; "
-                f"set parallel.{key}=1"
+                f"parallel.{key} = {getattr(parallel, key)}: this stage trains data-parallel (DDP or FSDP2)"
+                f"{' and context-parallel' if context_parallel else ''} only; set parallel.{key}=1"
             )
     if cfg.precision.compute == "bf16" and world.device.type != "cuda":
         raise UserError("precision.compute = bf16 needs a GPU here; on CPU use precision.compute=fp32")
-    per_step = train.micro_batch_size * world.size
+    context = parallel.context if world.distributed else 1  # one process trains whole sequences
+    if context > 1:
+        _check_context(context, world, train, model)
+    per_step = train.micro_batch_size * (world.size // context)
     if train.global_batch_size % per_step:
         raise UserError(
             f"global_batch_size ({train.global_batch_size}) must be a multiple of micro_batch_size x "
-            f"processes ({train.micro_batch_size} x {world.size})"
+            f"data-parallel processes ({train.micro_batch_size} x {world.size // context})"
         )
     if world.distributed and parallel.strategy == "none":
         raise UserError(f"{world.size} processes but parallel.strategy = none; set parallel.strategy=ddp or fsdp")
+
+
+def _check_context(context: int, world: World, train: TrainConfig, model: ModelConfig) -> None:
+    """parallel.context = `context` fits the world, the sequences (equal slices) and the Mamba heads."""
+    if world.size % context:
+        raise UserError(f"parallel.context ({context}) must divide the {world.size} processes")
+    if train.seq_len % context:
+        raise UserError(f"seq_len ({train.seq_len}) must be a multiple of parallel.context ({context}): each "
+                        "context-parallel rank takes an equal slice of every sequence")
+    problem = model.context_parallel_problem(context)
+    if problem:
+        raise UserError(problem)
 
 
 def autocast(compute: str, world: World):
@@ -130,9 +151,10 @@ def prepare_model(
     objective: nn.Module, cfg: RunConfig, world: World, note: Callable[[str], None] = lambda message: None,
     train: TrainConfig | None = None,
 ) -> nn.Module:
-    """The one place a model becomes trainable: master-weight dtype, then the low-precision converter (fp8, nvfp4:
-    model.lowp, on the unwrapped modules), then per-block compilation (`train.compile`, of the stage's optimisation
-    table, default pretraining's), then DDP or FSDP2. Returns what the loop calls; `note` hears what the converter and
+    """The one place a model becomes trainable: activation checkpointing and per-block compilation as the stage's
+    optimisation table says (`train.activation_checkpointing`, `train.compile`; default pretraining's [train]),
+    master-weight dtype, then the low-precision converter (fp8, nvfp4: model.lowp, on the unwrapped modules), then
+    the compiler, then DDP or FSDP2. Returns what the loop calls; `note` hears what the converter and
     the compiler did."""
     train = train or cfg.train
     from model.hybrid import cast
@@ -140,6 +162,7 @@ def prepare_model(
     from stages.runtime.compiling import compile_blocks
 
     objective.to(world.device)
+    objective.model.set_activation_checkpointing(train.activation_checkpointing)
     if cfg.precision.params == "bf16":
         cast(objective, torch.bfloat16)
     if cfg.precision.compute in LOW_PRECISION_COMPUTE:

@@ -4,11 +4,13 @@ normalisation, clipping, AdamW with the WSD schedule, the expert-bias update, me
 A stage supplies a `TrainingJob`: its optimisation settings (a TrainConfig: pretraining's [train], a stage's own
 such table), the objective (a module whose forward returns the loss and its statistics, see losses.CausalLMObjective)
 prepared by distributed.prepare_model, the optimizer, and a source of batches with `next_step()` (this rank's
-micro-batches, batches.MicroBatch), `phase()`, `state_dict()` and `load_state_dict()`.
+micro-batches, batches.MicroBatch), `phase()`, `state_dict()` and `load_state_dict()`; under context parallelism
+(`context`, see stages.runtime.context) the source gives this rank's group whole rows and the loop slices them.
 
 Loss normalisation: each head's summed token losses are divided by that head's valid-label count over the whole global
 batch (all micro-batches, all ranks), so one process with accumulation and N processes compute the same loss and
-gradients. Data-parallel wrappers average gradients over ranks, hence the factor `world` in the weights.
+gradients. Data-parallel wrappers average gradients over ranks, hence the factor `world` in the weights. Under context
+parallelism each rank sums the losses of its slices, and the counts cover every slice, so the same holds.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from model.tokenizer import Tokenizer
 from presets.schema import TrainConfig
 from stages.runtime import distributed
 from stages.runtime.checkpointing import save_checkpoint
+from stages.runtime.context import ContextLayout
 from stages.runtime.distributed import World
 from stages.runtime.losses import head_token_counts, update_expert_bias
 from stages.runtime.metrics import MetricsLog, Monitor, max_violation
@@ -54,6 +57,8 @@ class TrainingJob:
     """Validation loss of the current weights (collective), or None when there is nothing to validate on."""
     trainer_state: dict = field(default_factory=dict)
     """Facts saved in every checkpoint's trainer.json besides the loop's own (e.g. the corpus fingerprint)."""
+    context: ContextLayout | None = None
+    """Context parallelism (ContextLayout.setup), or None: whole rows on every rank."""
 
 
 @dataclass
@@ -160,8 +165,15 @@ def _head_scales(job: TrainingJob) -> list[float]:
 def _accumulate_gradients(job: TrainingJob, head_scales: list[float]):
     """Forward and backward over this rank's micro-batches of the next step. Returns, over the global batch: each
     head's mean loss, the mean aux loss, the expert load per MoE layer and the mean residual RMS per layer."""
+    layout = job.context or ContextLayout.single(job.world)
+    micro_batches = [layout.slice(mb) for mb in job.batches.next_step()]
+    with layout.active():
+        return _forward_backward(job, head_scales, micro_batches)
+
+
+def _forward_backward(job: TrainingJob, head_scales: list[float], micro_batches: list):
+    """_accumulate_gradients over the given micro-batches (this rank's slices under context parallelism)."""
     train, world = job.train, job.world
-    micro_batches = job.batches.next_step()
     depths = len(head_scales) - 1
     counts = torch.stack([head_token_counts(mb.labels, depths, mb.seq_idx) for mb in micro_batches]).sum(0)
     counts = world.all_reduce(counts.to(world.device)).clamp(min=1).tolist()
@@ -194,11 +206,15 @@ def _full(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
 
 
-def validation(objective: nn.Module, batches: list, compute: str, world: World) -> Callable[[], float | None]:
+def validation(
+    objective: nn.Module, batches: list, compute: str, world: World, context: ContextLayout | None = None
+) -> Callable[[], float | None]:
     """A function returning the mean next-token loss over `batches` (micro-batches of the validation set) with the
     matmuls in `compute` precision. Every rank runs the same number of forwards (FSDP gathers weights in each); a rank
-    short of batches runs a masked one."""
-    per_rank = math.ceil(len(batches) / world.size)
+    short of batches runs a masked one. Under context parallelism (`context`) the ranks of a group evaluate the
+    slices of the same batches."""
+    layout = context or ContextLayout.single(world)
+    per_rank = math.ceil(len(batches) / layout.data_size)
 
     @torch.no_grad()
     def evaluate() -> float | None:
@@ -207,10 +223,10 @@ def validation(objective: nn.Module, batches: list, compute: str, world: World) 
         totals = torch.zeros(2, device=world.device)
         objective.eval()
         for i in range(per_rank):
-            j = i * world.size + world.rank
-            batch = batches[min(j, len(batches) - 1)]
+            j = i * layout.data_size + layout.data_rank
+            batch = layout.slice(batches[min(j, len(batches) - 1)])
             labels = batch.labels if j < len(batches) else torch.full_like(batch.labels, IGNORE)
-            with distributed.autocast(compute, world):
+            with layout.active(), distributed.autocast(compute, world):
                 out = objective(batch.input_ids.to(world.device), labels.to(world.device),
                                 seq_idx=_on(batch.seq_idx, world))
             totals += torch.stack([out["head_sums"][0], (labels != IGNORE).sum().to(totals)])

@@ -16,6 +16,7 @@ from torch import nn
 
 from kernels import linear_cross_entropy
 from kernels.cross_entropy import IGNORE
+from model import context
 from model.hybrid import NemotronH
 from model.moe import LatentMoE
 from presets.schema import TrainConfig
@@ -26,9 +27,16 @@ def mtp_labels(labels: torch.Tensor, depth: int, seq_idx: torch.Tensor | None = 
     tokens, are ignored. Without seq_idx an ignored label marks a document boundary (as pretraining packs documents):
     the label is kept only when no ignored label lies between. With seq_idx (b, t), the documents of packed rows, the
     loss mask and the boundaries are apart (a prompt's ignored labels in SFT): labels[i + k] is kept unless ignored
-    itself or in another document than position i."""
+    itself or in another document than position i. Under context parallelism (model.context) labels and seq_idx are
+    this rank's slice of the rows: the labels are those of the whole rows, sliced."""
     if depth == 0:
         return labels
+    whole = _mtp_labels(context.gather_sequence(labels), depth, context.gather_sequence(seq_idx))
+    return context.local_slice(whole)
+
+
+def _mtp_labels(labels: torch.Tensor, depth: int, seq_idx: torch.Tensor | None) -> torch.Tensor:
+    """mtp_labels of whole rows."""
     target = torch.roll(labels, -depth, dims=1)
     if seq_idx is None:
         valid = labels != IGNORE
@@ -46,15 +54,20 @@ def head_token_counts(labels: torch.Tensor, depths: int, seq_idx: torch.Tensor |
 
 
 def sequence_aux_loss(scores: torch.Tensor, chosen: torch.Tensor, sequences: int) -> torch.Tensor:
-    """scores (tokens, E) fp32 and chosen (tokens, K) of `sequences` equal-length sequences -> mean over sequences."""
+    """scores (tokens, E) fp32 and chosen (tokens, K) of `sequences` equal-length sequences -> mean over sequences.
+    Under context parallelism (model.context) the tokens are this rank's slice of each sequence; f and P count the
+    whole sequences (their sums over the slices), so every rank of the group gets the loss of one process."""
     tokens, experts = scores.shape
     top_k = chosen.shape[1]
     per_sequence = tokens // sequences
-    share = (scores / scores.sum(-1, keepdim=True)).view(sequences, per_sequence, experts).mean(1)
+    shares = (scores / scores.sum(-1, keepdim=True)).view(sequences, per_sequence, experts).sum(1)
     picked = torch.zeros(sequences, experts, device=scores.device)
     picked.scatter_add_(1, chosen.view(sequences, -1), torch.ones(chosen.numel(), device=scores.device).view(sequences, -1))
-    f = picked * experts / (top_k * per_sequence)
-    return (f * share).sum(-1).mean()
+    # Per-sequence totals over the slices of a context-parallel group (this rank's own without one).
+    shares, picked = context.sum_over_sequence(torch.stack([shares, picked])).unbind()
+    length = per_sequence * context.size()
+    f = picked * experts / (top_k * length)
+    return (f * shares / length).sum(-1).mean()
 
 
 def expert_load(chosen: torch.Tensor, experts: int) -> torch.Tensor:
