@@ -16,7 +16,7 @@ from typing import Annotated
 import typer
 
 from model.errors import UserError
-from n3cli import __version__, data, mopd, mtp_boost, presets, pretrain, quantize, rlvr, serve, sft
+from n3cli import __version__, data, extend, mopd, mtp_boost, presets, pretrain, quantize, rlvr, serve, sft
 from n3cli import eval as evaluation
 from n3cli.options import Debug
 
@@ -27,6 +27,7 @@ COMMANDS: dict[str, Callable | typer.Typer] = {
     "data": data.run,
     "presets": presets.app,
     "pretrain": pretrain.run,
+    "extend": extend.run,
     "sft": sft.run,
     "rlvr": rlvr.app,
     "mopd": mopd.run,

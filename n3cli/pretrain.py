@@ -39,24 +39,29 @@ def _train(cfg: RunConfig, run_dir: Path, resume: bool) -> None:
     from n3cli.progress import RichProgress
     from n3cli.report import print_pretrain
     from presets import as_dict
-    from stages.data import CorpusOptions, default_corpus_dir, parse_sources, prepare
     from stages.pretrain import pretrain
     from stages.runtime import distributed
 
     progress = RichProgress() if os.environ.get("RANK", "0") == "0" else None
-    corpus = Path(cfg.data.path) if cfg.data.path else default_corpus_dir(cfg.model.vocab_size)
-
-    def prepare_builtin_corpus() -> None:
-        prepare(parse_sources([]), corpus, CorpusOptions(vocab_size=cfg.model.vocab_size), progress)
-
+    corpus, prepare_corpus = pretraining_corpus(cfg, cfg.model.vocab_size, progress)
     try:
         with progress or nullcontext():
             result = pretrain(
-                cfg, corpus, run_dir, resume=resume, progress=progress,
-                prepare_corpus=None if cfg.data.path else prepare_builtin_corpus,
+                cfg, corpus, run_dir, resume=resume, progress=progress, prepare_corpus=prepare_corpus,
                 preset_toml=to_toml(as_dict(cfg)),
             )
     finally:
         distributed.teardown()
     if result is not None:
         print_pretrain(result)
+
+
+def pretraining_corpus(cfg: RunConfig, vocab_size: int, progress=None):
+    """The corpus folder a run trains on (data.path, else the built-in corpus for the vocabulary size) and, for the
+    built-in one, the function that prepares it (None for data.path)."""
+    from stages.data import CorpusOptions, default_corpus_dir, parse_sources, prepare
+
+    if cfg.data.path:
+        return Path(cfg.data.path), None
+    corpus = default_corpus_dir(vocab_size)
+    return corpus, lambda: prepare(parse_sources([]), corpus, CorpusOptions(vocab_size=vocab_size), progress)

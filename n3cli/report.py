@@ -57,7 +57,11 @@ def print_plan(plan: Plan) -> None:
         f" sequences ({human(train.global_batch_size * train.seq_len)} tokens), {plan.grad_accumulation} accumulation"
         f" step(s)\n"
         f"per device: {human(plan.params_per_device)} parameters, {human(plan.state_bytes_per_device, 'B')} of weights,"
-        f" gradients and Adam state (activations come on top)\n"
+        f" gradients and Adam state\n"
+        f"activations per device: {human(plan.activation_bytes, 'B')} for a micro-batch of "
+        f"{human(plan.tokens_per_device)} tokens ({'with' if train.activation_checkpointing else 'without'} "
+        f"activation checkpointing; {human(plan.activation_bytes_full, 'B')} without, "
+        f"{human(plan.activation_bytes_checkpointed, 'B')} with)\n"
         f"kernels: " + ", ".join(f"{op} {name}" for op, name in vars(cfg.kernels).items())
     )
 
@@ -275,8 +279,7 @@ def print_mtp_boost(result) -> None:
     for name, replies in result.replies.items():
         table.add_row(f"replies ({name})", f"{replies['prompts']:,} ({replies['tokens']:,} tokens)")
     table.add_row("steps", f"{result.steps}" + (f" in {loop.seconds:.0f} s" if loop else " (done before)"))
-    table.add_row("wall time", f"{result.seconds['total']:.0f} s (" + ", ".join(
-        f"{part} {seconds:.0f}" for part, seconds in result.seconds.items() if part != "total") + ")")
+    table.add_row("wall time", wall_time(result.seconds))
     table.add_row("checkpoint", str(result.checkpoint))
     console.print(table)
     before, after = result.before, result.after
@@ -299,3 +302,50 @@ def print_mtp_boost(result) -> None:
         b, a = before.acceptance[n], after.acceptance[n]
         console.print(f"decode speedup at the fastest draft length, {n}: before {b.best.speedup:.2f}x "
                       f"(length {b.best.depth}), after {a.best.speedup:.2f}x (length {a.best.depth})")
+
+
+def wall_time(seconds: dict[str, float]) -> str:
+    """'512 s (before 90, training 300, after 122)' from a Clock's laps."""
+    parts = ", ".join(f"{part} {value:.0f}" for part, value in seconds.items() if part != "total")
+    return f"{seconds['total']:.0f} s ({parts})"
+
+
+def print_extend(result) -> None:
+    """The end of `n3 extend`: what trained, then before and after: the loss by position bucket on held-out long
+    documents, RULER per task and length, the short-context validation loss."""
+    from stages.eval.lengths import length_label
+
+    loop = result.loop
+    table = Table(title=f"Long-context phase: {result.start} -> {result.run}", show_header=False, show_edge=False)
+    table.add_column(justify="left")
+    table.add_column(justify="right")
+    table.add_row("context", f"{result.short_len:,} / {result.seq_len:,} tokens (short / long rows)")
+    table.add_row("steps", f"{result.total_steps} ({result.short_steps} short)"
+                  + (f" in {loop.seconds:.0f} s, {loop.tokens:,} tokens" if loop else " (done before)"))
+    table.add_row("learning rate", f"{result.lr:g}, constant")
+    table.add_row("long rows from", ", ".join(result.sources))
+    table.add_row("wall time", wall_time(result.seconds))
+    table.add_row("checkpoint", str(result.checkpoint))
+    console.print(table)
+    before, after = result.before, result.after
+    edges = before.positions.edges
+    positions = Table("positions", "loss before", "loss after", title="Loss by position, held-out long documents "
+                      "(nats/token)", show_edge=False)
+    for i in range(len(edges) - 1):
+        positions.add_row(f"{edges[i]:,}-{edges[i + 1]:,}", f"{before.positions.nll[i]:.3f}",
+                          f"{after.positions.nll[i]:.3f}")
+    short = result.short_len
+    positions.add_row(f"past {short:,}", f"{before.positions.past(short):.3f}", f"{after.positions.past(short):.3f}")
+    console.print(positions)
+    lengths = sorted(next(iter(before.ruler.values())))
+    ruler = Table("task", *(f"{length_label(n)} {w}" for n in lengths for w in ("before", "after")),
+                  title="RULER (score x 100)", show_edge=False)
+    for task in before.ruler:
+        ruler.add_row(task, *(f"{m.ruler[task][n]:.1f}" for n in lengths for m in (before, after)))
+    ruler.add_row("mean", *(f"{m.ruler_mean(n):.1f}" for n in lengths for m in (before, after)))
+    console.print(ruler)
+    if before.short_loss is not None and after.short_loss is not None:
+        change = 100 * (after.short_loss / before.short_loss - 1)
+        console.print(f"short-context validation loss ({short} tokens): before {before.short_loss:.4f}, after "
+                      f"{after.short_loss:.4f} ({change:+.1f}%)")
+    console.print(result.plot)

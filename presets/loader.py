@@ -44,7 +44,7 @@ KEYS = _schema(RunConfig)
 del KEYS["name"]  # not settable: a run is named after its preset
 TYPE_NAMES = {
     int: "an integer", float: "a number", bool: "true or false", str: "a string", list[str]: "a list of strings",
-    list[float]: "a list of numbers",
+    list[float]: "a list of numbers", list[int]: "a list of integers",
 }
 BOOLS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
 
@@ -191,6 +191,8 @@ def _is(value: object, kind: type) -> bool:
         return isinstance(value, list) and all(isinstance(v, str) for v in value)
     if kind == list[float]:
         return isinstance(value, list) and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
+    if kind == list[int]:
+        return isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
     return isinstance(value, kind)
 
 
@@ -215,8 +217,8 @@ def _parse_overrides(overrides: Iterable[str]) -> dict:
         try:
             if kind == list[str]:  # comma-separated: --set precision.bf16_modules=lm_head,mtp.*
                 value = [item.strip() for item in text.split(",") if item.strip()]
-            elif kind == list[float]:
-                value = [float(item) for item in text.split(",") if item.strip()]
+            elif kind in (list[float], list[int]):
+                value = [kind.__args__[0](item) for item in text.split(",") if item.strip()]
             else:
                 value = BOOLS[text.strip().lower()] if kind is bool else kind(text)
         except (KeyError, ValueError):
@@ -260,7 +262,7 @@ def _check_plan(cfg: RunConfig) -> None:
     """Cross-field checks between the run plan and the model, named after the preset."""
     parallel, model = cfg.parallel, cfg.model
     for name in ("parallel", "sft", "sft.lora", "sft.train", "rlvr", "rlvr.train", "mopd", "mopd.train", "mtp_boost",
-                 "mtp_boost.train"):
+                 "mtp_boost.train", "extend", "extend.train"):
         _check_floors(cfg, name)
     if cfg.mopd.warmup.steps:  # 0 steps: no warmup, and the rest of its table is not used
         _check_floors(cfg, "mopd.warmup")
@@ -269,6 +271,7 @@ def _check_plan(cfg: RunConfig) -> None:
         if getattr(cfg.sft, key) > 1:
             raise UserError(f"preset {cfg.name}: sft.{key} must be at most 1, got {getattr(cfg.sft, key)}")
     check_mtp_boost(cfg)
+    check_extend(cfg)
     if cfg.rlvr.group_size < 2:
         raise UserError(f"preset {cfg.name}: rlvr.group_size must be at least 2 (GRPO compares the samples of a "
                         f"prompt with each other), got {cfg.rlvr.group_size}")
@@ -288,6 +291,9 @@ def _check_plan(cfg: RunConfig) -> None:
             f"preset {cfg.name}: parallel.expert ({parallel.expert}) must divide the data-parallel degree "
             f"({parallel.data}): expert-parallel groups are carved out of the data-parallel ranks"
         )
+    problem = model.context_parallel_problem(parallel.context)
+    if problem:
+        raise UserError(f"preset {cfg.name}: {problem}")
     if parallel.pipeline > model.num_layers:
         raise UserError(f"preset {cfg.name}: {parallel.pipeline} pipeline stages for {model.num_layers} sublayers")
     if "*" in model.pattern and model.num_key_value_heads % parallel.tensor and parallel.tensor % model.num_key_value_heads:
@@ -336,6 +342,35 @@ def check_mtp_boost(cfg: RunConfig) -> None:
                         "as vLLM")
     if mb.val_fraction >= 1:
         raise UserError(f"preset {cfg.name}: mtp_boost.val_fraction must be below 1, got {mb.val_fraction}")
+
+
+EXTEND_SOURCES = ("repository", "retrieval", "corpus")
+"""The built-in sources of `n3 extend`'s long rows (extend.data)."""
+
+
+def check_extend(cfg: RunConfig) -> None:
+    """[extend]'s own consistency (checked as a preset loads, and by the stage after its command-line options)."""
+    ext, long = cfg.extend, cfg.extend.train.seq_len
+    if not 0 <= ext.short_fraction < 1:
+        raise UserError(f"preset {cfg.name}: extend.short_fraction must be at least 0 and below 1 (some iterations "
+                        f"must be long), got {ext.short_fraction}")
+    if ext.short_seq_len >= long or long % ext.short_seq_len:
+        raise UserError(f"preset {cfg.name}: extend.short_seq_len ({ext.short_seq_len}) must be below extend.train."
+                        f"seq_len ({long}) and divide it, so a short iteration holds the tokens of a long one")
+    for source in ext.data:
+        if "=" not in source and source not in EXTEND_SOURCES:
+            close = difflib.get_close_matches(source, EXTEND_SOURCES, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise UserError(f"preset {cfg.name}: extend.data: unknown source {source!r}{hint}; use "
+                            f"{', '.join(EXTEND_SOURCES)} or NAME=PATH")
+    if not ext.data:
+        raise UserError(f"preset {cfg.name}: extend.data is empty; give at least one source of long rows")
+    if ext.weights and (len(ext.weights) != len(ext.data) or min(ext.weights) < 0 or not sum(ext.weights)):
+        raise UserError(f"preset {cfg.name}: extend.weights needs one non-negative weight per extend.data source "
+                        f"({len(ext.data)}), not all zero; got {ext.weights}")
+    if any(n > long for n in ext.ruler_lengths):
+        raise UserError(f"preset {cfg.name}: extend.ruler_lengths {ext.ruler_lengths} go past extend.train.seq_len "
+                        f"({long}), the context the phase trains")
 
 
 def check_train(cfg: RunConfig, name: str, model: ModelConfig | None = None) -> None:

@@ -149,6 +149,9 @@ class TrainConfig:
     compile: bool = False
     """torch.compile each block of the model (Mamba, attention, MLP, LatentMoE); trains eagerly, with a note,
     where torch.compile cannot build code (on CPU it needs a C++ compiler)."""
+    activation_checkpointing: bool = False
+    """Keep only each sublayer's input for the backward and recompute the rest there: activation memory falls to
+    one hidden state per sublayer and token, for one more forward of compute."""
 
 
 @dataclass
@@ -393,6 +396,48 @@ class MTPBoostConfig:
     """Requests the in-process engine decodes together."""
 
 
+def _extend_train() -> TrainConfig:
+    """The long-context phase's optimisation defaults (Nemotron 3 Ultra: 25,165,824 tokens per iteration at 1M
+    tokens, lr 2.5e-6 held constant, no warmup); lr 0 takes the starting pretraining run's min_lr."""
+    return TrainConfig(seq_len=1 << 20, micro_batch_size=1, global_batch_size=24, tokens=33_000_000_000, lr=0.0,
+                       min_lr=0.0, warmup_steps=0, decay_fraction=0.0, eval_interval=100, checkpoint_interval=100,
+                       keep_checkpoints=2)
+
+
+@dataclass
+class ExtendConfig:
+    """`n3 extend`: the long-context phase ending pretraining (REFERENCE.md section 2): continued pretraining at
+    train.seq_len (the long length), with iterations at short_seq_len mixed in, never within one iteration."""
+
+    train: TrainConfig = field(default_factory=_extend_train)
+    """The optimisation table at the long length: its seq_len, micro_batch_size (1 at long lengths) and
+    global_batch_size fix the tokens of every iteration; lr 0: the starting run's min_lr, constant."""
+    short_seq_len: int = 4096
+    """Length of the short iterations (Ultra: 4K); they hold the same tokens in more, shorter rows."""
+    short_fraction: float = 0.08
+    """Share of the iterations at the short length, spread evenly through the run (Ultra: 8%)."""
+    document_masking: bool = True
+    """Rows of several documents keep them apart (no attention, conv or scan across a boundary)."""
+    data: list[str] = field(default_factory=lambda: ["repository", "retrieval", "corpus"])
+    """Sources of the long rows: repository (built in: each standard-library package's files as one document),
+    retrieval (built in: synthetic key-value lookups over long filler), corpus (the pretraining corpus packed into
+    long rows), or NAME=PATH (text files, a folder of them or jsonl, as `n3 data`)."""
+    weights: list[float] = field(default_factory=list)
+    """Share of the long rows from each source, in the order of data; empty: equal (Ultra: 46% long-context data,
+    54% the pretraining blend's second phase)."""
+    context_parallel: int = field(default=0, metadata={"min": 0})
+    """Context-parallel degree of this phase (parallel.context while it runs); 0: parallel.context."""
+    eval_documents: int = 8
+    """Held-out long documents (repository packages no training row draws from) the loss by position is measured
+    on, each cut to the long length."""
+    ruler_lengths: list[int] = field(default_factory=lambda: [1 << 20])
+    """Lengths RULER runs at before and after (niah_single_1, niah_multikey_1, vt)."""
+    ruler_samples: int = 100
+    """RULER samples per task and length."""
+    eval_sequences: int = 64
+    """Short-context validation sequences (the corpus' validation split at the starting run's seq_len)."""
+
+
 @dataclass
 class KernelConfig:
     """Backend per hot op: auto picks the fastest installed path for the device, torch forces the reference."""
@@ -444,3 +489,4 @@ class RunConfig:
     rlvr: RLVRConfig = field(default_factory=RLVRConfig)
     mopd: MOPDConfig = field(default_factory=MOPDConfig)
     mtp_boost: MTPBoostConfig = field(default_factory=MTPBoostConfig)
+    extend: ExtendConfig = field(default_factory=ExtendConfig)

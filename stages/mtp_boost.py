@@ -24,7 +24,6 @@ checkpoints/ (trainer.json stage "mtp-boost"), metrics.jsonl, acceptance.png, mt
 from __future__ import annotations
 
 import json
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -51,7 +50,7 @@ from stages.runtime.distributed import World
 from stages.runtime.files import write_json, write_jsonl
 from stages.runtime.loop import LoopResult, TrainingJob, run_loop
 from stages.runtime.losses import head_token_counts
-from stages.runtime.metrics import flops_per_token, peak_flops
+from stages.runtime.metrics import Clock, flops_per_token, peak_flops
 from stages.runtime.optim import build_optimizer
 from stages.runtime.plots import plot_lines
 from stages.runtime.progress import Progress, Quiet
@@ -192,21 +191,6 @@ def mtp_boost(cfg: RunConfig, run: Path, checkpoint: Path | None, init: bool = F
     out = MTPBoostResult(run, start, init, summary, steps, loop, final, before, after, clock.laps())
     write_json(run / "mtp-boost.json", out.summary())
     return out
-
-
-class Clock:
-    """Wall time by part: lap(name) ends the part running since the last lap."""
-
-    def __init__(self) -> None:
-        self.first = self.last = time.perf_counter()
-        self.parts: dict[str, float] = {}
-
-    def lap(self, name: str) -> None:
-        now = time.perf_counter()
-        self.parts[name], self.last = now - self.last, now
-
-    def laps(self) -> dict[str, float]:
-        return self.parts | {"total": self.last - self.first}
 
 
 def _check_head(model_cfg: ModelConfig, start: Path, init: bool) -> None:

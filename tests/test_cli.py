@@ -28,8 +28,8 @@ def n3(*args: str, **env: str) -> subprocess.CompletedProcess:
 def test_cli_surface():
     """Changing the command surface is a decision: update this list with it."""
     root = typer.main.get_command(app)
-    assert sorted(root.commands) == ["data", "eval", "mopd", "mtp-boost", "presets", "pretrain", "quantize", "rlvr",
-                                     "serve", "sft"]
+    assert sorted(root.commands) == ["data", "eval", "extend", "mopd", "mtp-boost", "presets", "pretrain", "quantize",
+                                     "rlvr", "serve", "sft"]
     assert sorted(root.commands["presets"].commands) == ["list", "show"]
     assert sorted(root.commands["rlvr"].commands) == ["score"]
     assert sorted(root.commands["eval"].commands) == ["lm-eval", "mtp", "perplexity", "ruler", "tasks", "throughput"]

@@ -11,7 +11,7 @@ from model.errors import UserError
 from model.tokenizer import Tokenizer
 from stages.data import BlendOptions, CorpusOptions, parse_sources, prepare
 from stages.data.prepare import unigram_entropy
-from stages.data.sources import builtin_sources
+from stages.runtime.sources import builtin_sources
 from stages.runtime.corpus import Manifest, read_index, read_tokens
 from tests.conftest import write_documents
 

@@ -101,7 +101,7 @@ def test_perplexity_agrees_with_transformers(hf_checkpoint, tmp_path):
 def test_perplexity_reads_the_validation_split(tmp_path, tokenizer, in_process):
     """A corpus `n3 data` prepared with the model's tokenizer: every source's validation documents, in order."""
     from stages.data.prepare import CorpusOptions, prepare
-    from stages.data.sources import parse_sources
+    from stages.runtime.sources import parse_sources
     from stages.runtime.corpus import read_tokens
 
     for name, texts in {"prose": ["The sky is blue.", "Here we go.", "The grass is green."],

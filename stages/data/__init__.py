@@ -2,6 +2,6 @@
 
 from stages.data.blend import BlendOptions
 from stages.data.prepare import CorpusOptions, Prepared, default_corpus_dir, prepare
-from stages.data.sources import BUILTIN, parse_sources
+from stages.runtime.sources import BUILTIN, parse_sources
 
 __all__ = ["BUILTIN", "BlendOptions", "CorpusOptions", "Prepared", "default_corpus_dir", "parse_sources", "prepare"]

@@ -23,7 +23,7 @@ from model.errors import UserError
 from model.tokenizer import Tokenizer
 from stages.data.blend import BlendOptions, curriculum
 from stages.data.shards import ShardWriter, token_dtype
-from stages.data.sources import Source
+from stages.runtime.sources import Source
 from stages.data.tokenizer import check_vocab_size, load_tokenizer, train_tokenizer
 from stages.runtime.corpus import FORMAT, MANIFEST, Manifest, SourceEntry
 from stages.runtime.progress import Progress, Quiet

@@ -123,3 +123,18 @@ def _step_of(line: str) -> float:
 
 def read_metrics(path: Path) -> list[dict]:
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+class Clock:
+    """Wall time by part: lap(name) ends the part running since the last lap."""
+
+    def __init__(self) -> None:
+        self.first = self.last = time.perf_counter()
+        self.parts: dict[str, float] = {}
+
+    def lap(self, name: str) -> None:
+        now = time.perf_counter()
+        self.parts[name], self.last = now - self.last, now
+
+    def laps(self) -> dict[str, float]:
+        return self.parts | {"total": self.last - self.first}

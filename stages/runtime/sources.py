@@ -105,12 +105,27 @@ def _path_source(name: str, path: Path, field_name: str) -> Source:
     return Source(name, str(path), "jsonl" if all(jsonl) else "text", files, json_field=field_name)
 
 
+def stdlib_code() -> tuple[Path, list[Path]]:
+    """The standard library's folder and its .py files (test suites and the other LEFT_OUT folders left out)."""
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    return stdlib, sorted(p for p in stdlib.rglob("*.py") if not LEFT_OUT.intersection(p.relative_to(stdlib).parts[:-1]))
+
+
+def stdlib_packages() -> dict[str, list[Path]]:
+    """Each top-level package of the standard library (a folder with an __init__.py) and its .py files, in path
+    order: repository-level documents."""
+    stdlib, code = stdlib_code()
+    packages: dict[str, list[Path]] = {}
+    for path in code:
+        parts = path.relative_to(stdlib).parts
+        if len(parts) > 1 and (stdlib / parts[0] / "__init__.py").is_file():
+            packages.setdefault(parts[0], []).append(path)
+    return packages
+
+
 def builtin_sources() -> list[Source]:
     """The standard library's code and documentation, as shipped with this interpreter."""
-    stdlib = Path(sysconfig.get_paths()["stdlib"])
-    code = sorted(
-        p for p in stdlib.rglob("*.py") if not LEFT_OUT.intersection(p.relative_to(stdlib).parts[:-1])
-    )
+    stdlib, code = stdlib_code()
     if not code:
         raise UserError(f"the built-in corpus needs the standard library's .py files, and {stdlib} has none")
     # The docs are prose: marked quality, so the second curriculum phase favours them.
