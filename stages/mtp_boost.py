@@ -160,10 +160,7 @@ def mtp_boost(cfg: RunConfig, run: Path, checkpoint: Path | None, init: bool = F
     batches = PackedChatBatches(rows, train.micro_batch_size, train.global_batch_size, world.rank, world.size,
                                 train.seed)
     steps = -(-train.tokens // (train.global_batch_size * train.seq_len)) if train.tokens else train.steps
-    start_step, monitor_state = 0, None
-    if path is not None:
-        start_step, monitor_state = resume_loop(path, objective, optimizer, batches, world)
-        progress.note(f"resuming {run} from step {start_step} ({path.name})")
+    start_step, monitor_state = resume_loop(path, objective, optimizer, batches, world, progress.note)
     loop = None
     if start_step < steps:
         job = TrainingJob(

@@ -87,13 +87,10 @@ def pretrain(
     optimizer = build_optimizer(objective, cfg.train)
     batches = PackedBatches(corpus, manifest, cfg.train.seq_len, cfg.train.micro_batch_size,
                             cfg.train.global_batch_size, steps, layout.data_rank, layout.data_size, cfg.train.seed)
-    start, monitor_state = 0, None
-    if resume:
-        path = latest_resumable(run)
-        if read_trainer_state(path).get("corpus") != manifest.fingerprint:
-            raise UserError(f"cannot resume {run}: its corpus has changed since the run started (rerun it from scratch)")
-        start, monitor_state = resume_loop(path, objective, optimizer, batches, world)
-        progress.note(f"resuming {run} from step {start} ({path.name})")
+    path = latest_resumable(run) if resume else None
+    if path is not None and read_trainer_state(path).get("corpus") != manifest.fingerprint:
+        raise UserError(f"cannot resume {run}: its corpus has changed since the run started (rerun it from scratch)")
+    start, monitor_state = resume_loop(path, objective, optimizer, batches, world, progress.note)
 
     val = validation_batches(corpus, manifest, cfg.train.seq_len, cfg.train.eval_sequences, cfg.train.micro_batch_size)
     result = None

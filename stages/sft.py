@@ -118,10 +118,7 @@ def sft(
     optimizer = build_optimizer(objective, train)
     batches = PackedChatBatches(chat.train, train.micro_batch_size, train.global_batch_size, world.rank, world.size,
                                 train.seed)
-    start_step, monitor_state = 0, None
-    if resume:
-        start_step, monitor_state = resume_loop(path, objective, optimizer, batches, world)
-        progress.note(f"resuming {run} from step {start_step} ({path.name})")
+    start_step, monitor_state = resume_loop(path, objective, optimizer, batches, world, progress.note)
 
     result = None
     if start_step < steps:

@@ -1,7 +1,7 @@
 """`n3 extend`: the schedule of long and short iterations, rows that a resumed or distributed run draws alike, the long
 data (retrieval documents, held-out packages), the loss by position, the activation plan against what autograd saves,
-activation checkpointing, and the stage end to end: its report, a SIGKILLed run resumed bitwise, two gloo processes
-matching one, and clear errors for bad input."""
+activation checkpointing, and the stage end to end: its report, a SIGKILLed run resumed bitwise, two context-parallel
+gloo processes matching one, and clear errors for bad input."""
 
 import dataclasses
 import json
@@ -30,7 +30,7 @@ FAST = ["extend.train.seq_len=2048", "extend.short_seq_len=512", "extend.short_f
         "extend.train.micro_batch_size=1", "extend.train.global_batch_size=2", "extend.train.steps=3",
         "extend.train.eval_interval=3", "extend.train.checkpoint_interval=3", "extend.train.mtp_depths=2",
         "extend.eval_documents=1", "extend.ruler_lengths=2048", "extend.ruler_samples=1", "extend.eval_sequences=4",
-        "extend.data=corpus"]
+        "extend.data=corpus", "extend.weights="]
 
 
 class Stream:
@@ -213,11 +213,11 @@ def test_sigkill_then_resume_repeats_the_losses_bitwise(base, small_corpus, tmp_
     assert_killed_and_resumed_repeats("extend", args, tmp_path, first=2, last=6, keys=keys)
 
 
-@pytest.mark.parametrize("context", [1, 2])
-def test_two_gloo_processes_match_one(base, small_corpus, tmp_path, context):
-    """Data-parallel (each process its rows), and context-parallel (both processes share every row)."""
+def test_two_context_parallel_gloo_processes_match_one(base, small_corpus, tmp_path):
+    """Both processes share every row (extend.context_parallel = 2), long and short iterations alike; how rows split
+    over data-parallel ranks is the row test's above."""
     args = ["-c", str(base), *settings(small_corpus, "extend.train.steps=3", "parallel.strategy=ddp",
-                                       f"extend.context_parallel={context}")]
+                                       "extend.context_parallel=2")]
     single = n3_process("extend", "--out", str(tmp_path / "one"), *args)
     assert single.wait(timeout=300) == 0, single.stderr.read()
     two = torchrun("extend", "--out", str(tmp_path / "two"), *args)
@@ -249,6 +249,8 @@ def test_bad_input_is_a_clear_error(base, finished, small_corpus, tmp_path, caps
     docs = tmp_path / "short-docs"
     docs.mkdir()
     (docs / "a.txt").write_text("a few words only")
+    longer = tmp_path / "longer"
+    shutil.copytree(finished[0], longer)
     other = tmp_path / "other-run"
     shutil.copytree(finished[0], other)
     trainer = next(other.glob("checkpoints/*/trainer.json"))
@@ -265,6 +267,7 @@ def test_bad_input_is_a_clear_error(base, finished, small_corpus, tmp_path, caps
          "must divide extend.train.seq_len"),
         (["--resume", "--out", str(tmp_path / "nothing")], "not a run folder"),
         (["--resume", "--out", str(other)], "it is not an extend run"),
+        (["--resume", "--out", str(longer), "--seq-len", "4096"], "it extends to 2048"),
     ]
     for args, message in cases:
         out = [] if "--out" in args else ["--out", str(tmp_path / "bad")]

@@ -138,6 +138,8 @@ def extend(
     if long <= start_config.max_position_embeddings:
         raise UserError(f"extend.train.seq_len ({long}) must be above the context of {start} "
                         f"({start_config.max_position_embeddings} tokens): set a longer --seq-len")
+    if trainer is not None and trainer.get("seq_len") != long:
+        raise UserError(f"cannot resume {run} at {long} tokens: it extends to {trainer.get('seq_len')} (drop --seq-len)")
     lr = ext.train.lr or starting_min_lr(start, cfg, progress)
     train = dataclasses.replace(ext.train, lr=lr, min_lr=lr)  # constant
     cfg = phase_config(dataclasses.replace(cfg, extend=dataclasses.replace(ext, train=train)), start_config)
@@ -175,10 +177,7 @@ def extend(
     batches = ExtendBatches(list(sources.values()), ext.weights, CorpusWindows(corpus, manifest), long, short,
                             ext.short_fraction, train.global_batch_size, train.micro_batch_size, tokenizer.bos_id,
                             tokenizer.eos_id, ext.document_masking, layout.data_rank, layout.data_size, train.seed)
-    start_step, monitor_state = 0, None
-    if resume:
-        start_step, monitor_state = resume_loop(path, objective, optimizer, batches, world)
-        progress.note(f"resuming {run} from step {start_step} ({path.name})")
+    start_step, monitor_state = resume_loop(path, objective, optimizer, batches, world, progress.note)
 
     result = None
     if start_step < steps:

@@ -10,10 +10,10 @@ of a row apart (a new document at every bos).
 - repository: each standard-library package's .py files concatenated in path order, each under a `# path` line, as
   the Nemotron 3 reports measure loss by position on repository-level code. Documents are drawn with probability in
   proportion to their length (upsampling the long ones: a random window of a long document beats a row of short
-  ones), a random window of each; the packages `held_out` names are never drawn.
-- retrieval: key-value facts scattered through long filler (windows of the repository stream) and questions about
-  them, each answered right after it is asked, so a model learns to find a fact thousands of tokens back. Its wording
-  is its own (RULER's needles and questions are the evaluation's, not training's).
+  ones), a random window of each; the packages `held_out_packages` picks for the evaluation are never drawn.
+- retrieval: key-value facts scattered through long filler (windows of the repository documents) and questions about
+  them anywhere later, each followed by its answer, so a model learns to find a fact thousands of tokens back. Its
+  wording is its own (RULER's needles and questions are the evaluation's, not training's).
 - corpus: windows of the pretraining corpus' training split, its sources in the proportions of its last phase.
 - user sources (NAME=PATH): documents read as `n3 data` reads them, drawn as repository's.
 """

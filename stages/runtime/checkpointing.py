@@ -162,12 +162,16 @@ def load_checkpoint(path: Path, objective: nn.Module, optimizer: torch.optim.Opt
     return trainer
 
 
-def resume_loop(path: Path, objective: nn.Module, optimizer: torch.optim.Optimizer, batches, world: World
-                ) -> tuple[int, dict | None]:
-    """Restore a training loop's checkpoint: model, optimizer, generators and the step source's position. Returns the
-    step it was written at and the monitor's state, as runtime.loop.run_loop takes them."""
+def resume_loop(path: Path | None, objective: nn.Module, optimizer: torch.optim.Optimizer, batches, world: World,
+                note: Callable[[str], None] = lambda message: None) -> tuple[int, dict | None]:
+    """Restore a training loop's checkpoint: model, optimizer, generators and the step source's position, and `note`
+    it. Returns the step it was written at and the monitor's state, as runtime.loop.run_loop takes them; (0, None)
+    for no checkpoint (a run that starts afresh)."""
+    if path is None:
+        return 0, None
     trainer = load_checkpoint(path, objective, optimizer, world)
     batches.load_state_dict(trainer["data"])
+    note(f"resuming {path.parent.parent} from step {trainer['step']} ({path.name})")
     return trainer["step"], trainer.get("monitor")
 
 
