@@ -158,7 +158,8 @@ def extend(
     if not resume and world.is_main:
         start_run_folder(Path(run), cfg.name, preset_toml)
 
-    held_out = held_out_packages(tokenizer, ext.eval_documents, long + 1)
+    repository = repository_documents()
+    held_out = held_out_packages(repository, tokenizer, ext.eval_documents, long + 1)
     short_val = validation_batches(corpus, manifest, short, ext.eval_sequences, train.micro_batch_size * long // short)
     measure_on = lambda ckpt, title: measure(cfg, ckpt, list(held_out.values()), short_val, progress, title)
     before = None
@@ -173,8 +174,10 @@ def extend(
     depths = train.mtp_depths if model.mtp is not None else 0
     objective = distributed.prepare_model(CausalLMObjective(model, depths), cfg, world, progress.note, train)
     optimizer = build_optimizer(objective, train)
-    sources = long_sources(ext.data, tokenizer, corpus, manifest, set(held_out), short)
-    batches = ExtendBatches(list(sources.values()), ext.weights, CorpusWindows(corpus, manifest), long, short,
+    corpus_windows = CorpusWindows(corpus, manifest)
+    training_texts = [text for package, text in repository.items() if package not in held_out]
+    sources = long_sources(ext.data, tokenizer, training_texts, corpus_windows, short)
+    batches = ExtendBatches(list(sources.values()), ext.weights, corpus_windows, long, short,
                             ext.short_fraction, train.global_batch_size, train.micro_batch_size, tokenizer.bos_id,
                             tokenizer.eos_id, ext.document_masking, layout.data_rank, layout.data_size, train.seed)
     start_step, monitor_state = resume_loop(path, objective, optimizer, batches, world, progress.note)
@@ -241,10 +244,10 @@ def starting_min_lr(start: Path, cfg: RunConfig, progress: Progress) -> float:
         return cfg.train.min_lr
 
 
-def long_sources(names: list[str], tokenizer: Tokenizer, corpus: Path, manifest: Manifest, held_out: set[str],
-                 short_len: int) -> dict[str, object]:
-    """The sources of extend.data by name, each with `row(rng, length)`; held-out packages feed none of them."""
-    texts = [text for package, text in repository_documents().items() if package not in held_out]
+def long_sources(names: list[str], tokenizer: Tokenizer, texts: list[str], corpus: CorpusWindows, short_len: int
+                 ) -> dict[str, object]:
+    """The sources of extend.data by name, each with `row(rng, length)`: `texts` are the repository documents
+    training may draw (the held-out packages left out), `corpus` the pretraining corpus' windows."""
     repository = Documents.from_texts("repository", texts, tokenizer) if {"repository", "retrieval"} & set(names) \
         else None
     out: dict[str, object] = {}
@@ -254,7 +257,7 @@ def long_sources(names: list[str], tokenizer: Tokenizer, corpus: Path, manifest:
         elif name == "retrieval":
             out[name] = Retrieval(repository.without_markers("filler"), tokenizer, filler_vocabulary(texts))
         elif name == "corpus":
-            out[name] = CorpusWindows(corpus, manifest)
+            out[name] = corpus
         else:
             docs = user_documents(name, tokenizer, short_len)
             out[docs.name] = docs

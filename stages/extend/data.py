@@ -79,10 +79,11 @@ def repository_documents() -> dict[str, str]:
             for package, files in stdlib_packages().items()}
 
 
-def held_out_packages(tokenizer: Tokenizer, count: int, min_tokens: int) -> dict[str, np.ndarray]:
-    """The `count` packages, among those of at least min_tokens tokens, first in the order of a hash of their names
-    (the same on every run and machine), as token arrays (bos + ids): the held-out long documents."""
-    docs = repository_documents()
+def held_out_packages(docs: dict[str, str], tokenizer: Tokenizer, count: int, min_tokens: int
+                      ) -> dict[str, np.ndarray]:
+    """The `count` packages of `docs` (repository_documents), among those of at least min_tokens tokens, first in the
+    order of a hash of their names (the same on every run and machine), as token arrays (bos + ids): the held-out
+    long documents."""
     order = sorted(docs, key=lambda name: hashlib.sha256(name.encode()).digest())
     chosen = {}
     for name in order:
