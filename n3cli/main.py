@@ -16,7 +16,7 @@ from typing import Annotated
 import typer
 
 from model.errors import UserError
-from n3cli import __version__, data, extend, mopd, mtp_boost, presets, pretrain, quantize, rlvr, serve, sft
+from n3cli import __version__, data, extend, mopd, mtp_boost, presets, pretrain, quantize, recipe, rlvr, serve, sft
 from n3cli import eval as evaluation
 from n3cli.options import Debug
 
@@ -35,6 +35,7 @@ COMMANDS: dict[str, Callable | typer.Typer] = {
     "quantize": quantize.run,
     "serve": serve.run,
     "eval": evaluation.app,
+    "recipe": recipe.run,
 }
 
 app = typer.Typer(

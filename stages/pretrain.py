@@ -27,6 +27,7 @@ from stages.runtime import distributed
 from stages.runtime.batches import PackedBatches, validation_batches
 from stages.runtime.checkpointing import latest_resumable, read_trainer_state, resume_loop, start_run_folder
 from stages.runtime.context import ContextLayout
+from stages.runtime.files import write_json
 from stages.runtime.corpus import Manifest
 from stages.runtime.loop import LoopResult, TrainingJob, run_loop, validation
 from stages.runtime.losses import CausalLMObjective
@@ -51,6 +52,14 @@ class PretrainResult:
     prompt: str
     sample: str
     parameters: int
+    val_loss: float
+
+    def summary(self) -> dict:
+        loop = self.loop
+        return {"run": str(self.run), "checkpoint": str(self.checkpoint), "steps": self.total_steps,
+                "parameters": self.parameters, "val_loss": self.val_loss, "unigram_entropy": self.unigram_entropy,
+                "training": None if loop is None else {"seconds": loop.seconds, "tokens": loop.tokens,
+                                                       "final_loss": loop.last.get("loss")}}
 
 
 def total_steps(cfg: RunConfig) -> int:
@@ -93,6 +102,7 @@ def pretrain(
     start, monitor_state = resume_loop(path, objective, optimizer, batches, world, progress.note)
 
     val = validation_batches(corpus, manifest, cfg.train.seq_len, cfg.train.eval_sequences, cfg.train.micro_batch_size)
+    evaluate = validation(objective, val, cfg.precision.compute, world, layout)
     result = None
     if start < steps:
         job = TrainingJob(
@@ -100,12 +110,13 @@ def pretrain(
             total_steps=steps, run=Path(run), tokenizer=tokenizer, progress=progress,
             flops_per_token=flops_per_token(cfg.model, cfg.train.seq_len, cfg.train.mtp_depths),
             peak_flops=peak_flops(world.device, cfg.train.peak_tflops),
-            evaluate=validation(objective, val, cfg.precision.compute, world, layout),
+            evaluate=evaluate,
             trainer_state={"stage": "pretrain", "corpus": manifest.fingerprint, "preset": cfg.name,
                            "total_steps": steps},
             context=layout,
         )
         result = run_loop(job, start, monitor_state)
+    val_loss = result.val_loss if result is not None else evaluate()  # a finished run, resumed: measure it again
     world.barrier()
     if not world.is_main:
         return None
@@ -114,11 +125,14 @@ def pretrain(
     prompt_ids = _prompt(val, manifest)
     params = SamplingParams(max_tokens=SAMPLE_TOKENS, temperature=0.8, top_k=40, seed=cfg.train.seed)
     sample = Engine(final, tokenizer, EngineConfig(max_batch=1)).generate([prompt_ids], params)[0].token_ids
-    return PretrainResult(
+    out = PretrainResult(
         run=Path(run), total_steps=steps, start_step=start, loop=result, unigram_entropy=manifest.unigram_entropy,
         checkpoint=checkpoint, prompt=tokenizer.decode(prompt_ids, skip_special=True),
         sample=tokenizer.decode(sample, skip_special=True), parameters=sum(p.numel() for p in final.parameters()),
+        val_loss=val_loss,
     )
+    write_json(Path(run) / "pretrain.json", out.summary())
+    return out
 
 
 def _check_fit(cfg: RunConfig, manifest: Manifest) -> None:

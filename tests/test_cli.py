@@ -29,7 +29,7 @@ def test_cli_surface():
     """Changing the command surface is a decision: update this list with it."""
     root = typer.main.get_command(app)
     assert sorted(root.commands) == ["data", "eval", "extend", "mopd", "mtp-boost", "presets", "pretrain", "quantize",
-                                     "rlvr", "serve", "sft"]
+                                     "recipe", "rlvr", "serve", "sft"]
     assert sorted(root.commands["presets"].commands) == ["list", "show"]
     assert sorted(root.commands["rlvr"].commands) == ["score"]
     assert sorted(root.commands["eval"].commands) == ["lm-eval", "mtp", "perplexity", "ruler", "tasks", "throughput"]
