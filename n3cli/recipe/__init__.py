@@ -144,22 +144,24 @@ def _print_plan(book, steps, selected, state) -> None:
 
 
 def _set_aside(selected, root: Path) -> None:
-    """Move the selected steps' earlier outputs to <root>/previous/<time>/, so they run again from scratch."""
+    """Move the selected steps' earlier outputs and logs to <root>/previous/<time>/ and forget their attempts, so
+    they run again from scratch."""
     from n3cli.recipe.runner import STATE, read_state
     from n3cli.report import console
     from stages.runtime.files import write_json
 
-    moved = [s for s in selected if s.out.exists()]
-    if not moved:
-        return
     aside = root / "previous" / time.strftime("%Y%m%d-%H%M%S")
+    moved = []
+    for step in selected:
+        for path in (step.out, root / "logs" / f"{step.name}.log"):
+            if path.exists():
+                target = aside / path.relative_to(root)
+                target.parent.mkdir(parents=True, exist_ok=True)
+                shutil.move(str(path), str(target))
+                moved.append(step.name)
     state = read_state(root)
-    for step in moved:
-        log = root / "logs" / f"{step.name}.log"
-        for path in (step.out, log) if log.is_file() else (step.out,):
-            target = aside / path.relative_to(root)
-            target.parent.mkdir(parents=True, exist_ok=True)
-            shutil.move(str(path), str(target))
+    for step in selected:
         state["steps"].pop(step.name, None)
     write_json(root / STATE, state)
-    console.print(f"moved the earlier outputs of {', '.join(s.name for s in moved)} to {aside}")
+    if moved:
+        console.print(f"moved the earlier outputs of {', '.join(dict.fromkeys(moved))} to {aside}")
