@@ -186,6 +186,7 @@ def test_the_report_says_what_each_stage_moved(tmp_path):
     assert (rows["extend"].before, rows["extend"].after, rows["extend"].improved) == ("4.425", "4.525", False)
     assert "RULER vt 1024: 0 -> 20" in rows["extend"].detail and "+0.5%" in rows["extend"].detail
     assert (rows["sft"].before, rows["sft"].after, rows["sft"].improved) == ("10.0%", "60.0%", True)
+    assert "+50.0 points (beyond the noise of the held-out sample: 2 standard errors are 11.5 points)" in rows["sft"].detail
     assert "accuracy kept (reasoning on, mean) 83.3%" in rows["quantize"].detail
     report = write_report(root, recipe.path, list(rows.values()), steps).read_text()
     assert "Stages that did not improve their figure: extend" in report

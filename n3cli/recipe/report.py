@@ -8,6 +8,7 @@ accuracy.png under the recipe's root; the CLI prints the same table.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -85,7 +86,8 @@ def _tasks_stage(step: Step, s: dict, steps) -> tuple:
     before, after = accuracy(s["tasks_before"]), accuracy(s["tasks_after"])
     domains = sorted({d for d, _ in after})
     b, a = _mean(before, domains, "on"), _mean(after, domains, "on")
-    detail = f"{100 * (a - b):+.1f} points; " + "; ".join(
+    noise = _noise(s["tasks_before"], s["tasks_after"], domains)
+    detail = f"{100 * (a - b):+.1f} points ({noise}); " + "; ".join(
         f"{d} {m} {100 * before.get((d, m), 0):.1f} -> {100 * after[(d, m)]:.1f}"
         for d in domains for m in MODES if (d, m) in after)
     if step.stage == "mopd":  # its figure is the distance to the teachers; accuracy is what that distance buys
@@ -173,6 +175,21 @@ def _eval(step: Step, s: dict, steps) -> tuple:
 
 READERS = {"data": _data, "pretrain": _pretrain, "extend": _extend, "sft": _tasks_stage, "rlvr": _tasks_stage,
            "mopd": _tasks_stage, "mtp-boost": _mtp_boost, "quantize": _quantize}
+
+
+def _noise(before: dict, after: dict, domains: list[str]) -> str:
+    """Whether a change of the domains' mean accuracy (reasoning on) is beyond what the held-out sample's size
+    explains: two standard errors of the difference of two binomial means."""
+    variance = 0.0
+    for summary in (before, after):
+        for r in summary["results"]:
+            if r["domain"] in domains and r["reasoning"] == "on" and r["problems"]:
+                p = r["accuracy"]
+                variance += p * (1 - p) / r["problems"]
+    bound = 2 * math.sqrt(variance) / len(domains)
+    a, b = (_mean(accuracy(x), domains, "on") for x in (after, before))
+    where = "beyond" if abs(a - b) > bound else "within"
+    return f"{where} the noise of the held-out sample: 2 standard errors are {100 * bound:.1f} points"
 
 
 def accuracy(summary: dict | None) -> dict[tuple[str, str], float]:
