@@ -179,7 +179,8 @@ READERS = {"data": _data, "pretrain": _pretrain, "extend": _extend, "sft": _task
 
 def _noise(before: dict, after: dict, domains: list[str]) -> str:
     """Whether a change of the domains' mean accuracy (reasoning on) is beyond what the held-out sample's size
-    explains: two standard errors of the difference of two binomial means."""
+    explains: two standard errors of the difference of two independent binomial means (the problems are the same
+    before and after, so this bounds the noise from above)."""
     variance = 0.0
     for summary in (before, after):
         for r in summary["results"]:
@@ -189,7 +190,7 @@ def _noise(before: dict, after: dict, domains: list[str]) -> str:
     bound = 2 * math.sqrt(variance) / len(domains)
     a, b = (_mean(accuracy(x), domains, "on") for x in (after, before))
     where = "beyond" if abs(a - b) > bound else "within"
-    return f"{where} the noise of the held-out sample: 2 standard errors are {100 * bound:.1f} points"
+    return f"{where} the held-out sample's noise: 2 unpaired standard errors are {100 * bound:.1f} points"
 
 
 def accuracy(summary: dict | None) -> dict[tuple[str, str], float]:

@@ -143,8 +143,8 @@ def _corpus_of(recipe: Recipe, made: Path | None) -> str:
 
     if made is not None:
         return str(made)
-    for name in ("pretrain", "extend"):
-        if name in recipe.stages and (path := presets.load(recipe.stages[name].preset, recipe.stages[name].sets).data.path):
+    for spec in (recipe.stages.get(name) for name in ("pretrain", "extend")):
+        if spec is not None and (path := presets.load(spec.preset, spec.sets).data.path):
             return path
     raise UserError(f"{recipe.path}: [eval.perplexity] needs a corpus: add a [data] table, or set data.path in "
                     "[pretrain]")
