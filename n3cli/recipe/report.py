@@ -15,6 +15,7 @@ from pathlib import Path
 from n3cli.recipe.runner import step_seconds
 from n3cli.recipe.steps import Step
 from stages.runtime.files import write_text
+from stages.runtime.metrics import read_metrics
 from stages.runtime.plots import plot_lines
 
 MODES = ("on", "off")
@@ -107,8 +108,8 @@ def _tasks_stage(step: Step, s: dict, steps) -> tuple:
 
 def _reverse_kl(metrics: Path) -> tuple[tuple[float, float], int] | None:
     """The reverse KL of the first and of the last steps (up to five each), and how many, from metrics.jsonl."""
-    lines = metrics.read_text().splitlines() if metrics.is_file() else []
-    kl = [r["reverse_kl"] for r in map(json.loads, filter(str.strip, lines)) if r.get("reverse_kl") is not None]
+    records = read_metrics(metrics) if metrics.is_file() else []
+    kl = [r["reverse_kl"] for r in records if r.get("reverse_kl") is not None]
     if not kl:
         return None
     span = min(5, max(1, len(kl) // 2))
