@@ -19,7 +19,7 @@ except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
 
 from model.config import ModelConfig
-from model.errors import UserError
+from model.errors import UserError, unknown_key
 from presets.schema import CHOICES, RunConfig
 
 PRESET_DIR = Path(__file__).resolve().parent
@@ -166,7 +166,7 @@ def _check(table: dict, source: str, prefix: str = "") -> None:
         dotted = prefix + key
         kind = KEYS.get(dotted)
         if kind is None:
-            raise _unknown(dotted, source)
+            raise unknown_key(dotted, KEYS, source)
         if dataclasses.is_dataclass(kind):
             if not isinstance(value, dict):
                 raise UserError(f"'{dotted}' in {source} must be a table ([{dotted}]), got {value!r}")
@@ -175,11 +175,6 @@ def _check(table: dict, source: str, prefix: str = "") -> None:
             raise UserError(f"'{dotted}' in {source} must be {TYPE_NAMES[kind]}, got {value!r}")
         elif (choices := _choices(dotted)) and value not in choices:
             raise UserError(f"'{dotted}' in {source} must be one of {' | '.join(choices)}, got {value!r}")
-
-
-def _unknown(dotted: str, source: str) -> UserError:
-    closest = difflib.get_close_matches(dotted, KEYS, n=1, cutoff=0)[0]
-    return UserError(f"unknown key '{dotted}' in {source}; did you mean '{closest}'?")
 
 
 def _is(value: object, kind: type) -> bool:
@@ -210,7 +205,7 @@ def _parse_overrides(overrides: Iterable[str]) -> dict:
             raise UserError(f"--set expects key=value, got {item!r}")
         kind = KEYS.get(key)
         if kind is None:
-            raise _unknown(key, SET)
+            raise unknown_key(key, KEYS, SET)
         if dataclasses.is_dataclass(kind):
             example = next(k for k in KEYS if k.startswith(key + "."))
             raise UserError(f"'{key}' in {SET} is a table; set one of its keys, e.g. {example}=...")

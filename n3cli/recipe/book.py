@@ -21,7 +21,6 @@ so a recipe that loads is a recipe whose commands parse.
 
 from __future__ import annotations
 
-import difflib
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,7 +29,7 @@ import typer
 
 import presets
 from presets.loader import PRESET_DIR
-from model.errors import UserError
+from model.errors import UserError, unknown_key
 
 STAGES = ("data", "pretrain", "extend", "sft", "rlvr", "mopd", "mtp-boost", "quantize", "eval")
 """The pipeline, in order (REFERENCE.md section 4): each stage's output is the next one's input."""
@@ -168,7 +167,7 @@ def _options(command: tuple[str, ...], options: dict, path: Path, prefix: str, s
             raise UserError(f"{path}: {prefix}{key} is set by the recipe itself (it chains each stage's output "
                             "into the next); remove it")
         if key.replace("-", "_") not in valid:
-            raise UserError(_unknown(f"{prefix}{key}", [f"{prefix}{v}" for v in valid], path))
+            raise unknown_key(f"{prefix}{key}", [f"{prefix}{v}" for v in valid], str(path))
     options = {k.replace("-", "_"): v for k, v in options.items()}
     argv = option_argv(click_command, options)
     try:
@@ -210,13 +209,7 @@ def option_argv(click_command, options: dict[str, object]) -> list[str]:
 def _check_keys(table: dict, valid: tuple[str, ...], path: Path, prefix: str) -> None:
     for key in table:
         if key not in valid:
-            raise UserError(_unknown(f"{prefix}{key}", [f"{prefix}{v}" for v in valid], path))
-
-
-def _unknown(key: str, valid: list[str], path: Path) -> str:
-    closest = difflib.get_close_matches(key, valid, n=1, cutoff=0)
-    hint = f"; did you mean {closest[0]!r}?" if closest else ""
-    return f"unknown key {key!r} in {path}{hint}"
+            raise unknown_key(f"{prefix}{key}", [f"{prefix}{v}" for v in valid], str(path))
 
 
 def _typed(value, kind: type, key: str, path: Path):
