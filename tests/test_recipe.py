@@ -106,6 +106,16 @@ def test_bad_flags_say_what_to_do(tmp_path, capsys):
     assert not root.exists()  # nothing written
 
 
+def test_a_missing_package_is_refused_before_the_first_step(tmp_path, capsys, monkeypatch):
+    import n3cli.recipe.runner as runner
+
+    monkeypatch.setitem(runner.NEEDS, "quantize", ("n3_no_such_module", "quantize"))
+    root = tmp_path / "root"
+    status, err = run_n3(capsys, "recipe", "--recipe", str(write_recipe(tmp_path, SMALL)), "--out", str(root))
+    assert status == 2 and "step quantize needs n3_no_such_module" in err and "pip install 'n3[recipe]'" in err
+    assert not root.exists()
+
+
 def fake_launch(summaries: dict[str, dict], failing: str = ""):
     """Stands in for running a step's command: writes its marker (the summary given for its stage), as the command
     would at its end; `failing` names a step that fails the way a command does (an error line, exit 2)."""

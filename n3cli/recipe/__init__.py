@@ -40,7 +40,7 @@ def run(
     """Run data -> pretrain -> extend -> sft -> rlvr teachers -> mopd (per cycle) -> mtp-boost -> quantize -> eval,
     each stage on the one before's output, and report what each stage moved."""
     from n3cli.recipe.book import load_recipe
-    from n3cli.recipe.runner import check_inputs, note_last_write, read_state
+    from n3cli.recipe.runner import check_inputs, check_packages, note_last_write, read_state
     from n3cli.recipe.steps import plan_steps, select
 
     root = out or DEFAULT_ROOT
@@ -51,6 +51,7 @@ def run(
         _print_plan(book, steps, selected, read_state(root))
         return
     check_inputs(steps, selected)
+    check_packages(selected)
     root.mkdir(parents=True, exist_ok=True)
     note_last_write(root)
     if start is not None:

@@ -63,6 +63,22 @@ def check_inputs(steps: list[Step], selected: list[Step]) -> None:
         made.add(str(step.out))
 
 
+NEEDS = {"quantize": ("modelopt", "quantize"), "eval-ruler": ("wonderwords", "eval")}
+"""Step (its name, or its stage) -> (a module it imports, the extra that installs it), for what the core install
+lacks."""
+
+
+def check_packages(selected: list[Step]) -> None:
+    """Refuse before the first step where a selected step would stop for a package that is not installed."""
+    import importlib.util
+
+    for step in selected:
+        module, extra = NEEDS.get(step.name) or NEEDS.get(step.stage) or (None, None)
+        if module and importlib.util.find_spec(module) is None:
+            raise UserError(f"step {step.name} needs {module}, which is not installed: pip install 'n3[recipe]' "
+                            f"(or 'n3[{extra}]') and run `n3 recipe` again")
+
+
 def _finished(steps: list[Step], path: Path) -> bool:
     maker = next((s for s in steps if str(s.out) == str(path)), None)
     return maker.done if maker is not None else path.exists()
