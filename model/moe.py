@@ -13,6 +13,7 @@ from torch import nn
 
 from kernels import group_by_expert, grouped_mm, permute_rows
 from model.config import ModelConfig
+from model.expert_parallel import ExpertGroup, exchange, scale_gradient
 from model.mlp import MLP, relu2
 
 
@@ -50,23 +51,38 @@ class Experts(nn.Module):
         E, m, l = cfg.n_routed_experts, cfg.moe_intermediate_size, cfg.expert_width
         self.up_proj = nn.Parameter(torch.empty(E, m, l))
         self.down_proj = nn.Parameter(torch.empty(E, l, m))
+        self.parallel: ExpertGroup | None = None
+        """Set by expert-parallel training: the group whose ranks hold the experts, this rank a contiguous share
+        (the parameters are then DTensors sharded on the expert dimension)."""
 
     @property
     def num_experts(self) -> int:
+        """All the layer's experts, wherever they live."""
         return self.up_proj.shape[0]
 
     def forward(self, x: torch.Tensor, chosen: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """x (tokens, l); each token's k copies run through their experts, weighted and summed in fp32."""
-        if self.gathers(chosen.numel()):
+        if self.parallel is None and self.gathers(chosen.numel()):
             h = relu2(self.up_proj[chosen] @ x[:, None, :, None])  # (tokens, k, m, 1)
             out = (self.down_proj[chosen] @ h).squeeze(-1).float()  # (tokens, k, l)
             return (out * weights[..., None]).sum(1).to(x.dtype)
         tokens, k = chosen.shape
         order, inverse, counts = group_by_expert(chosen, self.num_experts)
         copies = x[:, None].expand(tokens, k, x.shape[1]).reshape(tokens * k, -1)  # row token * k + slot
-        h = relu2(self.matmul(permute_rows(copies, order, inverse), self.up_proj, counts))
-        out = permute_rows(self.matmul(h, self.down_proj, counts), inverse, order).view(tokens, k, -1)
+        rows = permute_rows(copies, order, inverse)
+        if self.parallel is None:
+            out = self.run_experts(rows, counts)
+        else:
+            out = exchange(rows, counts, self.parallel, self.run_experts)
+        out = permute_rows(out, inverse, order).view(tokens, k, -1)
         return (out.float() * weights[..., None]).sum(1).to(x.dtype)
+
+    def run_experts(self, rows: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """The experts this rank holds on rows grouped by expert (counts: rows per expert, in order)."""
+        up, down = _local(self.up_proj), _local(self.down_proj)
+        if self.parallel is not None:
+            up, down = (scale_gradient(w, self.parallel.gradient_scale) for w in (up, down))
+        return self.matmul(relu2(self.matmul(rows, up, counts)), down, counts)
 
     def gathers(self, copies: int) -> bool:
         """Whether a forward over `copies` token copies gathers each copy's expert weights instead of grouping rows
@@ -101,3 +117,8 @@ class LatentMoE(nn.Module):
         self.last_routing = (scores, chosen) if self.training else None
         routed = self.fc2_latent_proj(self.experts(self.fc1_latent_proj(flat), chosen, weights))
         return (routed + self.shared_experts(flat)).view(shape)
+
+
+def _local(weight: torch.Tensor) -> torch.Tensor:
+    """This rank's experts of a weight that expert parallelism shards (a DTensor); any other weight as it is."""
+    return weight.to_local() if hasattr(weight, "to_local") else weight

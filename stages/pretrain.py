@@ -78,7 +78,7 @@ def pretrain(
     `preset_toml`, the resolved preset, is saved in a new run folder as <preset name>.toml for --resume."""
     progress = progress or Quiet()
     world = distributed.setup(cfg)
-    distributed.check_layout(cfg, world, context_parallel=True)
+    distributed.check_layout(cfg, world, context_parallel=True, expert_parallel=True)
     layout = ContextLayout.setup(cfg, world)
     configure_kernels(cfg)
     if prepare_corpus is not None and world.is_main:
@@ -92,7 +92,8 @@ def pretrain(
 
     torch.manual_seed(cfg.train.seed)
     model = build(cfg.model, device=world.device)
-    objective = distributed.prepare_model(CausalLMObjective(model, cfg.train.mtp_depths), cfg, world, progress.note)
+    objective = distributed.prepare_model(CausalLMObjective(model, cfg.train.mtp_depths), cfg, world, progress.note,
+                                          expert_parallel=True)
     optimizer = build_optimizer(objective, cfg.train)
     batches = PackedBatches(corpus, manifest, cfg.train.seq_len, cfg.train.micro_batch_size,
                             cfg.train.global_batch_size, steps, layout.data_rank, layout.data_size, cfg.train.seed)

@@ -98,14 +98,17 @@ def teardown() -> None:
 
 def check_layout(
     cfg: RunConfig, world: World, train: TrainConfig | None = None, model: ModelConfig | None = None,
-    context_parallel: bool = False,
+    context_parallel: bool = False, expert_parallel: bool = False,
 ) -> None:
-    """What this trainer runs: data parallelism (DDP or FSDP2) over all ranks; FSDP shards experts like any weight.
-    `context_parallel`: the stage also runs parallel.context > 1 (it trains through stages.runtime.context, whose
-    groups of C ranks share each sequence); other stages refuse it. `train` is the stage's optimisation table
-    (default: pretraining's [train]), `model` the shape it trains (default: the preset's)."""
+    """What this trainer runs: data parallelism (DDP or FSDP2) over all ranks. `context_parallel`: the stage also
+    runs parallel.context > 1 (it trains through stages.runtime.context, whose groups of C ranks share each
+    sequence); other stages refuse it. `expert_parallel`: the stage splits the experts over parallel.expert ranks
+    (stages.runtime.expert_parallel); in other stages FSDP shards experts like any weight. `train` is the stage's
+    optimisation table (default: pretraining's [train]), `model` the shape it trains (default: the preset's)."""
     train, model = train or cfg.train, model or cfg.model
     parallel = cfg.parallel
+    if expert_parallel and parallel.expert > 1 and world.distributed:
+        _check_experts(parallel.expert, cfg, world, model)
     for key in ("tensor", "pipeline") + (() if context_parallel else ("context",)):
         if getattr(parallel, key) > 1:
             raise UserError(
@@ -125,6 +128,19 @@ def check_layout(
         )
     if world.distributed and parallel.strategy == "none":
         raise UserError(f"{world.size} processes but parallel.strategy = none; set parallel.strategy=ddp or fsdp")
+
+
+def _check_experts(size: int, cfg: RunConfig, world: World, model: ModelConfig) -> None:
+    """parallel.expert = `size` fits the strategy, the world and every MoE layer's experts."""
+    if cfg.parallel.strategy != "fsdp":
+        raise UserError(f"parallel.expert = {size} trains under FSDP2 (the experts over their expert-data-parallel "
+                        f"ranks, the rest over the world); set parallel.strategy=fsdp (it is {cfg.parallel.strategy})")
+    if world.size % size:
+        raise UserError(f"parallel.expert ({size}) must divide the {world.size} processes: expert groups are "
+                        f"consecutive ranks of the world")
+    if model.n_routed_experts % size:
+        raise UserError(f"parallel.expert ({size}) must divide model.n_routed_experts ({model.n_routed_experts}): "
+                        "every rank of an expert group holds the same number of experts")
 
 
 def _check_context(context: int, world: World, train: TrainConfig, model: ModelConfig) -> None:
@@ -149,12 +165,13 @@ def autocast(compute: str, world: World):
 
 def prepare_model(
     objective: nn.Module, cfg: RunConfig, world: World, note: Callable[[str], None] = lambda message: None,
-    train: TrainConfig | None = None,
+    train: TrainConfig | None = None, expert_parallel: bool = False,
 ) -> nn.Module:
     """The one place a model becomes trainable: activation checkpointing and per-block compilation as the stage's
     optimisation table says (`train.activation_checkpointing`, `train.compile`; default pretraining's [train]),
     master-weight dtype, then the low-precision converter (fp8, nvfp4: model.lowp, on the unwrapped modules), then
-    the compiler, then DDP or FSDP2. Returns what the loop calls; `note` hears what the converter and
+    the compiler, then DDP or FSDP2 (with `expert_parallel` and parallel.expert > 1, the experts split over expert
+    groups first: stages.runtime.expert_parallel). Returns what the loop calls; `note` hears what the converter and
     the compiler did."""
     train = train or cfg.train
     from model.hybrid import cast
@@ -173,7 +190,7 @@ def prepare_model(
         return objective
     if cfg.parallel.strategy == "ddp":
         return _ddp(objective, cfg, world)
-    return _fsdp(objective, cfg)
+    return _fsdp(objective, cfg, world, experts=cfg.parallel.expert if expert_parallel else 1)
 
 
 def _ddp(objective: nn.Module, cfg: RunConfig, world: World) -> nn.Module:
@@ -218,13 +235,20 @@ def _reduce_in(dtype: torch.dtype):
     return hook
 
 
-def _fsdp(objective: nn.Module, cfg: RunConfig) -> nn.Module:
+def _fsdp(objective: nn.Module, cfg: RunConfig, world: World, experts: int = 1) -> nn.Module:
+    """FSDP2 over the world; with `experts` > 1 the experts split over groups of that many ranks first."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     param_dtype = torch.bfloat16 if cfg.precision.compute == "bf16" else None
     reduce_dtype = DTYPES[cfg.parallel.reduce_dtype]
     policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
     model = objective.model
+    if experts > 1:
+        from stages.runtime.expert_parallel import expert_mesh, shard_expert_weights, shard_experts
+
+        mesh = expert_mesh(world, experts)
+        shard_experts(model, mesh)
+        shard_expert_weights(model, mesh, policy)  # inner units: the layers' units below leave them be
     for layer in model.model.layers:
         fully_shard(layer, mp_policy=policy)
     if model.mtp is not None and any(p.requires_grad for p in model.mtp.parameters()):
@@ -235,6 +259,30 @@ def _fsdp(objective: nn.Module, cfg: RunConfig) -> nn.Module:
     root_reduce = torch.float32 if cfg.parallel.output_grad_fp32 else reduce_dtype
     fully_shard(objective, mp_policy=MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=root_reduce))
     return objective
+
+
+def clip_gradients(params: list[nn.Parameter], max_norm: float) -> torch.Tensor:
+    """torch's clip_grad_norm_, also over gradients on different device meshes (expert parallelism: the experts'
+    on the expert mesh, the rest on the world's), whose norms torch cannot stack: each mesh's norm in full, then the
+    total. Returns the total norm before clipping."""
+    by_mesh: dict = {}
+    for p in params:
+        if p.grad is not None:
+            by_mesh.setdefault(getattr(p.grad, "device_mesh", None), []).append(p.grad)
+    if len(by_mesh) <= 1:
+        return torch.nn.utils.clip_grad_norm_(params, max_norm)
+    norms = [full_tensor(torch.nn.utils.get_total_norm(grads)) for grads in by_mesh.values()]
+    total = torch.linalg.vector_norm(torch.stack(norms))
+    scale = min(1.0, max_norm / (total.item() + 1e-6))
+    if scale < 1.0:
+        for grads in by_mesh.values():
+            torch._foreach_mul_(grads, scale)
+    return total
+
+
+def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """A DTensor (FSDP2's norms and gradients) as a plain tensor holding all of it."""
+    return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
 
 
 def unwrap(module: nn.Module) -> nn.Module:

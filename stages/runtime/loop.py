@@ -31,6 +31,7 @@ from stages.runtime import distributed
 from stages.runtime.checkpointing import save_checkpoint
 from stages.runtime.context import ContextLayout
 from stages.runtime.distributed import World
+from stages.runtime.expert_parallel import step_metrics as expert_metrics
 from stages.runtime.losses import head_token_counts, update_expert_bias
 from stages.runtime.metrics import MetricsLog, Monitor, max_violation
 from stages.runtime.optim import set_lr, wsd_lr
@@ -93,7 +94,8 @@ def run_loop(job: TrainingJob, start_step: int = 0, monitor_state: dict | None =
     for step in range(start_step, job.total_steps):
         tick = time.perf_counter()
         lr, head_losses, aux, load, rms, grad_norm = optimizer_step(job, step)
-        done, throughput = step + 1, tokens_per_step / (time.perf_counter() - tick)
+        seconds = time.perf_counter() - tick
+        done, throughput = step + 1, tokens_per_step / seconds
         maxvio = max_violation(load).tolist() if moes else []
         record = {
             "step": done,
@@ -109,7 +111,7 @@ def run_loop(job: TrainingJob, start_step: int = 0, monitor_state: dict | None =
             "phase": job.batches.phase(),
             "maxvio": dict(zip(moe_names, maxvio)),
             "residual_rms": rms.tolist(),
-        }
+        } | expert_metrics(objective, world, seconds)
         step_warnings = monitor.check(done, maxvio, record["residual_rms"], moe_names)
         if done % train.eval_interval == 0 or done == job.total_steps:
             val_loss = record["val_loss"] = job.evaluate() if job.evaluate else None
@@ -148,13 +150,13 @@ def apply_gradients(objective: nn.Module, optimizer: torch.optim.Optimizer, trai
     the gradients, move the expert biases by the step's load (per MoE layer, as the objective lists them). Returns
     the gradient norm before clipping."""
     params = [p for p in objective.parameters() if p.requires_grad]
-    grad_norm = torch.nn.utils.clip_grad_norm_(params, train.grad_clip or math.inf)
+    grad_norm = distributed.clip_gradients(params, train.grad_clip or math.inf)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     unwrapped = distributed.unwrap(objective)
     for moe, layer_load in zip(unwrapped.main_moes + unwrapped.mtp_moes, load):
         update_expert_bias(moe, layer_load, train.bias_update_rate)
-    return float(_full(grad_norm))
+    return float(distributed.full_tensor(grad_norm))
 
 
 def _head_scales(job: TrainingJob) -> list[float]:
@@ -199,11 +201,6 @@ def _forward_backward(job: TrainingJob, head_scales: list[float], micro_batches:
 
 def _on(tensor: torch.Tensor | None, world: World) -> torch.Tensor | None:
     return None if tensor is None else tensor.to(world.device)
-
-
-def _full(tensor: torch.Tensor) -> torch.Tensor:
-    """A DTensor (FSDP2's gradient norm) as a plain tensor."""
-    return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
 
 
 def validation(
