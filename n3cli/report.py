@@ -64,6 +64,8 @@ def print_plan(plan: Plan) -> None:
         f"{human(plan.activation_bytes_checkpointed, 'B')} with)\n"
         f"kernels: " + ", ".join(f"{op} {name}" for op, name in vars(cfg.kernels).items())
     )
+    for line in plan.runs:
+        console.print(line)
 
 
 def print_serve_plan(plan) -> None:

@@ -53,6 +53,8 @@ class Plan:
     """The same without activation checkpointing."""
     activation_bytes_checkpointed: int
     """The same with activation checkpointing per sublayer."""
+    runs: list[str]
+    """What the trainers do with this layout, a line each: how the experts are split, what is refused."""
 
 
 def plan_run(cfg: RunConfig) -> Plan:
@@ -94,7 +96,21 @@ def plan_run(cfg: RunConfig) -> Plan:
         activation_bytes=int(checkpointed if train.activation_checkpointing else full),
         activation_bytes_full=int(full),
         activation_bytes_checkpointed=int(checkpointed),
+        runs=_what_runs(cfg),
     )
+
+
+def _what_runs(cfg: RunConfig) -> list[str]:
+    par = cfg.parallel
+    lines = []
+    if par.expert > 1 and par.strategy == "fsdp":
+        lines.append(f"experts: n3 pretrain splits each MoE layer's over groups of {par.expert} ranks (all-to-all) "
+                     f"and shards them with FSDP2 over {max(1, par.data * par.context // par.expert)} ranks; the other "
+                     "stages shard them with FSDP2 over the world")
+    refused = [f"parallel.{key} = {getattr(par, key)}" for key in ("tensor", "pipeline") if getattr(par, key) > 1]
+    if refused:
+        lines.append(f"not trainable yet: {', '.join(refused)} (the trainers refuse it; this plan counts it)")
+    return lines
 
 
 def saved_per_token(model: ModelConfig, kind: str) -> float:

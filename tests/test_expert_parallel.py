@@ -16,6 +16,7 @@ import presets
 from kernels.cross_entropy import IGNORE
 from model.errors import UserError
 from model.hybrid import build
+from stages.plan import plan_run
 from stages.runtime import distributed
 from stages.runtime.batches import MicroBatch
 from stages.runtime.distributed import World
@@ -26,6 +27,7 @@ from stages.runtime.optim import build_optimizer
 from stages.runtime.progress import Quiet
 from stages.runtime.metrics import read_metrics
 from tests.conftest import free_port
+from tests.test_context_parallel import FixedBatches
 from tests.test_pretrain import n3_process, settings, torchrun
 
 SEQ, ROWS = 32, 4
@@ -44,14 +46,6 @@ def rows() -> list[MicroBatch]:
     labels = torch.roll(ids, -1, 1)
     labels[:, SEQ - 1] = labels[1, 3] = IGNORE
     return [MicroBatch(ids[i : i + 1], labels[i : i + 1], None) for i in range(ROWS)]
-
-
-class FixedBatches:
-    def __init__(self, batches: list[MicroBatch]):
-        self.batches = batches
-
-    def next_step(self) -> list[MicroBatch]:
-        return self.batches
 
 
 def training_step(cfg, world: World) -> dict:
@@ -172,3 +166,25 @@ def test_pretrain_writes_the_checkpoint_of_one_process_and_resumes_under_another
                          "--set", "parallel.gpus_per_node=1")
     assert resumed.wait(timeout=300) == 0, resumed.stderr.read()
     assert_same_weights(hf_weights(tmp_path / "ep", 4), hf_weights(tmp_path / "one", 4))
+
+
+def test_the_plan_says_how_the_experts_are_split_and_what_is_refused():
+    h200 = plan_run(presets.load("h200"))
+    assert h200.runs == ["experts: n3 pretrain splits each MoE layer's over groups of 8 ranks (all-to-all) and shards "
+                         "them with FSDP2 over 4 ranks; the other stages shard them with FSDP2 over the world"]
+    gb200 = plan_run(presets.load("gb200"))
+    assert "over groups of 64 ranks" in gb200.runs[0] and "FSDP2 over 2 ranks" in gb200.runs[0]
+    assert gb200.runs[1].startswith("not trainable yet: parallel.pipeline = 4")
+    assert plan_run(presets.load("cpu")).runs == []
+
+
+@pytest.mark.parametrize("preset", ["h200", "b200"])
+def test_the_expert_parallel_presets_train_scaled_down(small_corpus, tmp_path, preset):
+    """The preset's layout (FSDP2, experts over groups of ranks) on the tiny shape with two gloo processes, fp32."""
+    scaled = ["shape=tiny", "parallel.nodes=1", "parallel.gpus_per_node=2", "parallel.expert=2",
+              "precision.compute=fp32", "precision.params=fp32", "train.tokens=0", "train.steps=2",
+              "train.eval_interval=2", "train.mtp_depths=0"]
+    run = torchrun("pretrain", "--preset", preset, "--out", str(tmp_path / preset), *settings(small_corpus, *scaled))
+    assert run.returncode == 0, run.stderr[-3000:]
+    records = read_metrics(tmp_path / preset / "metrics.jsonl")
+    assert len(records) == 2 and all("ep_received_max_over_mean" in r for r in records)
