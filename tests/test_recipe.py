@@ -253,3 +253,30 @@ def test_from_sets_the_earlier_outputs_aside_and_runs_them_again(tmp_path, capsy
     assert len(kept) == 1 and json.loads(kept[0].read_text()) == SUMMARIES["sft"]
     assert set(read_state(root)["steps"]) == {"pretrain", "extend"}
     assert not (root / "logs" / "sft.log").exists() and list((root / "previous").glob("*/logs/sft.log"))
+
+
+TINY_MEASURED = {  # seconds each step of the default recipe took on two idle CPU cores (benchmarks/RESULTS.md)
+    "pretrain": 391, "extend": 293, "sft": 446, "rlvr-math-1": 149, "rlvr-code-1": 200, "rlvr-instructions-1": 181,
+    "mopd-1": 300, "rlvr-math-2": 162, "rlvr-code-2": 192, "rlvr-instructions-2": 209, "mopd-2": 269,
+    "mtp-boost": 201, "quantize": 15, "eval-tasks": 59, "eval-tasks-unquantized": 48, "eval-ruler": 24,
+    "eval-perplexity": 5, "eval-mtp": 160,
+}
+TINY_PEAK = 195e9  # that machine's fp32 matmul rate: pretrain's 5,606 tokens/s at 0.53 MFU
+
+
+def test_the_dry_run_estimates_the_tiny_recipe_within_2x(tmp_path, monkeypatch):
+    import presets
+    from n3cli.recipe import estimate
+
+    monkeypatch.setattr(estimate, "peak_flops", lambda device: TINY_PEAK)
+    book = load_recipe("tiny")
+    total = 0.0
+    for step in plan_steps(book, tmp_path):
+        if step.stage == "data":
+            continue
+        spec = book.stages[step.stage]
+        seconds = estimate.estimate_seconds(step.stage, presets.load(spec.preset, step.sets), step.kind,
+                                            spec.evals.get(step.kind, spec.options))
+        assert 0.5 <= TINY_MEASURED[step.name] / seconds <= 2, (step.name, seconds)
+        total += seconds
+    assert 0.8 <= sum(TINY_MEASURED.values()) / total <= 1.25

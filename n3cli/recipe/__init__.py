@@ -22,11 +22,13 @@ import typer
 from n3cli.options import DryRun, Out
 
 DEFAULT_ROOT = Path("runs") / "recipe"
+"""Where the default recipe runs; another recipe runs in runs/recipe-<its name>, so their steps never mix."""
 
 
 def run(
     recipe: Annotated[str, typer.Option("--recipe", "-r", help="A recipe file, or a built-in one's name (tiny, "
-                                        "ultra; presets/recipes/).")] = "tiny",
+                                        "ultra; presets/recipes/). Runs in runs/recipe (tiny) or runs/recipe-NAME "
+                                        "unless --out says.")] = "tiny",
     start: Annotated[str | None, typer.Option("--from", metavar="STAGE", help="Run this stage (or step, e.g. "
                                               "mopd-2) and everything after it again; their earlier outputs are "
                                               "moved to <out>/previous/.")] = None,
@@ -39,12 +41,12 @@ def run(
 ) -> None:
     """Run data -> pretrain -> extend -> sft -> rlvr teachers -> mopd (per cycle) -> mtp-boost -> quantize -> eval,
     each stage on the one before's output, and report what each stage moved."""
-    from n3cli.recipe.book import load_recipe
+    from n3cli.recipe.book import DEFAULT_RECIPE, load_recipe
     from n3cli.recipe.runner import check_inputs, check_packages, note_last_write, read_state
     from n3cli.recipe.steps import plan_steps, select
 
-    root = out or DEFAULT_ROOT
     book = load_recipe(recipe)
+    root = out or (DEFAULT_ROOT if recipe == DEFAULT_RECIPE else DEFAULT_ROOT.with_name(f"recipe-{book.path.stem}"))
     steps = plan_steps(book, root, cycles)
     selected = select(steps, start, until)
     if dry_run:
@@ -126,9 +128,8 @@ def _print_plan(book, steps, selected, state) -> None:
         if step.done and measured is not None:
             seconds, how = measured, "measured"
         else:
-            kind = step.argv[2] if step.stage == "eval" else ""
-            seconds = estimate_seconds(step.stage, presets.load(spec.preset, step.sets), kind,
-                                       spec.evals.get(kind, spec.options))
+            seconds = estimate_seconds(step.stage, presets.load(spec.preset, step.sets), step.kind,
+                                       spec.evals.get(step.kind, spec.options))
             how = "estimated"
         unknown |= seconds is None
         total += seconds or 0.0

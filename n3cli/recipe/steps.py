@@ -46,6 +46,16 @@ class Step:
         return shlex.join(self.argv)
 
     @property
+    def kind(self) -> str:
+        """What of its stage the step runs: an eval step's kind (tasks, ruler, ...), the environment an rlvr teacher
+        trains on (its --env); "" for other steps."""
+        if self.stage == "eval":
+            return self.argv[2]
+        if self.stage == "rlvr" and "--env" in self.argv:
+            return self.argv[self.argv.index("--env") + 1]
+        return ""
+
+    @property
     def done(self) -> bool:
         return self.marker.is_file()
 
