@@ -154,7 +154,7 @@ class QuantizedExperts(Experts):
         new = cls.__new__(cls)
         nn.Module.__init__(new)
         new.up_proj, new.down_proj = experts.up_proj, experts.down_proj
-        new.fmt = fmt
+        new.parallel, new.fmt = experts.parallel, fmt
         return new
 
     def matmul(self, rows: torch.Tensor, weight: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
