@@ -15,7 +15,7 @@ the data-parallel wrapper (stages.runtime.expert_parallel) adds up the groups.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -25,24 +25,22 @@ from kernels import group_by_expert, permute_rows
 
 @dataclass
 class ExpertGroup:
-    """The ranks that split one MoE layer's experts between them, and this rank's place among them."""
+    """The ranks that split the MoE layers' experts between them (this rank holds the share of its place)."""
 
     group: dist.ProcessGroup
     size: int
-    rank: int
     gradient_scale: float = 1.0
     """What the expert weights' gradients are multiplied by, for the data-parallel reduction that follows to give
     the gradient of the global batch (set by the trainer: stages.runtime.expert_parallel)."""
-    received: list[int] = field(default_factory=list)
-    """Token copies this rank's experts received in each forward since the last `take_counters` (metrics)."""
+    received: int = 0
+    """Token copies this rank's experts received since the last `take_counters` (metrics)."""
     exchange_seconds: float = 0.0
     """Wall time spent in the forward all-to-alls since the last `take_counters`."""
 
     def take_counters(self) -> tuple[int, float]:
         """(copies received, seconds in all-to-all) since the last call, and reset them."""
-        counters = (sum(self.received), self.exchange_seconds)
-        self.received.clear()
-        self.exchange_seconds = 0.0
+        counters = (self.received, self.exchange_seconds)
+        self.received, self.exchange_seconds = 0, 0.0
         return counters
 
 
@@ -60,7 +58,7 @@ def exchange(rows: torch.Tensor, counts: torch.Tensor, parallel: ExpertGroup, co
     recv_splits = received.sum(1).tolist()
     incoming = _AllToAll.apply(rows, recv_splits, send_splits, parallel.group)
     parallel.exchange_seconds += time.perf_counter() - started
-    parallel.received.append(sum(recv_splits))
+    parallel.received += sum(recv_splits)
     # arrived by (source, local expert); the grouped GEMM wants (local expert, source)
     experts = torch.arange(local, device=counts.device).repeat(parallel.size)
     order, inverse, per_expert = group_by_expert(experts.repeat_interleave(received.flatten()), local)

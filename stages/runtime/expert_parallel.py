@@ -44,7 +44,7 @@ def shard_experts(model: nn.Module, mesh: DeviceMesh) -> None:
     rank holds the same full weights before: the same seed, or the same checkpoint)."""
     experts_mesh = mesh["expert"]
     size, rank = experts_mesh.size(), experts_mesh.get_local_rank()
-    group = ExpertGroup(experts_mesh.get_group(), size, rank, gradient_scale=1.0 / size)
+    group = ExpertGroup(experts_mesh.get_group(), size, gradient_scale=1.0 / size)
     for experts in expert_modules(model):
         for name in ("up_proj", "down_proj"):
             full = getattr(experts, name)
