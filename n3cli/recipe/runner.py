@@ -57,7 +57,7 @@ def check_inputs(steps: list[Step], selected: list[Step]) -> None:
     for step in selected:
         for path in step.inputs:
             if str(path) not in made and not _finished(steps, path):
-                maker = next(s for s in steps if str(s.out) == str(path))
+                maker = _maker(steps, path)
                 raise UserError(f"{step.name} needs {path}, which does not exist yet: `n3 recipe --until "
                                 f"{maker.name}` makes it (or by hand: {maker.command})")
         made.add(str(step.out))
@@ -80,8 +80,13 @@ def check_packages(selected: list[Step]) -> None:
 
 
 def _finished(steps: list[Step], path: Path) -> bool:
-    maker = next((s for s in steps if str(s.out) == str(path)), None)
+    maker = _maker(steps, path)
     return maker.done if maker is not None else path.exists()
+
+
+def _maker(steps: list[Step], path: Path) -> Step | None:
+    """The step that writes folder `path`; None for a folder no step writes (a user's corpus)."""
+    return next((s for s in steps if str(s.out) == str(path)), None)
 
 
 def run_steps(selected: list[Step], root: Path, announce: Callable[[Step, str], None],
