@@ -72,8 +72,13 @@ class Backbone(nn.Module):
         for i, layer in enumerate(self.layers):
             h = run_sublayer(layer, h, None if cache is None else cache.layers[i], seq_idx, self.checkpointing)
             if self.residual_rms is not None:
-                self.residual_rms.append(torch.linalg.vector_norm(h.detach(), dtype=torch.float32) / h.numel() ** 0.5)
+                self.residual_rms.append(rms(h))
         return self.norm_f(h)
+
+
+def rms(h: torch.Tensor) -> torch.Tensor:
+    """The root mean square of a hidden state, a detached fp32 scalar (each sublayer's output, as training watches)."""
+    return torch.linalg.vector_norm(h.detach(), dtype=torch.float32) / h.numel() ** 0.5
 
 
 class MTPBlock(Block):

@@ -15,11 +15,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from torch import nn
+
 from model import lowp
 from model.config import ModelConfig
 from model.hybrid import build
+from model.moe import Experts
 from model.params import ParamCount, count_parameters
 from presets.schema import RunConfig
+from stages.runtime.pipeline import stage_spans
 
 BITS = {"fp32": 32, "bf16": 16, "fp8": 8, "nvfp4": 4.5}
 """Stored bits per weight; NVFP4 is 4 bits plus one 8-bit scale per 16 elements."""
@@ -65,15 +69,17 @@ def plan_run(cfg: RunConfig) -> Plan:
     for name, fmt in lowp.plan(model, cfg.precision).items():
         gemm_formats[fmt] = gemm_formats.get(fmt, 0) + sum(p.numel() for p in model.get_submodule(name).parameters())
     par, train = cfg.parallel, cfg.train
-    # Tensor and pipeline parallelism split everything; expert parallelism splits the routed experts; FSDP then
-    # shards dense weights over the data- and context-parallel ranks (the ranks of a context-parallel group hold the
-    # same weights), and experts over those of them that hold the same experts.
-    dense_shards = par.tensor * par.pipeline
+    # Tensor parallelism splits everything; pipeline parallelism gives each device one stage's weights (the
+    # heaviest stage counts); expert parallelism splits the routed experts; FSDP then shards dense weights over the
+    # data- and context-parallel ranks (the ranks of a context-parallel group hold the same weights), and experts
+    # over those of them that hold the same experts.
+    dense_shards = par.tensor
     routed_shards = dense_shards * par.expert
     if par.strategy == "fsdp":
         dense_shards *= par.data * par.context
         routed_shards *= max(1, par.data * par.context // par.expert)
-    per_device = (params.total - params.routed) / dense_shards + params.routed / routed_shards
+    per_device = max(dense / dense_shards + routed / routed_shards
+                     for dense, routed in stage_parameters(model, par.pipeline))
     param_bytes = BITS[cfg.precision.params] / 8
     state_bytes = per_device * (2 * param_bytes + 8)  # weights + gradients in the params dtype, Adam moments in fp32
     tokens = train.micro_batch_size * train.seq_len // par.context
@@ -107,10 +113,37 @@ def _what_runs(cfg: RunConfig) -> list[str]:
         lines.append(f"experts: n3 pretrain splits each MoE layer's over groups of {par.expert} ranks (all-to-all) "
                      f"and shards them with FSDP2 over {max(1, par.data * par.context // par.expert)} ranks; the other "
                      "stages shard them with FSDP2 over the world")
-    refused = [f"parallel.{key} = {getattr(par, key)}" for key in ("tensor", "pipeline") if getattr(par, key) > 1]
+    if par.pipeline > 1:
+        sizes = [len(span) for span in stage_spans(cfg.model.num_layers, par.pipeline)]
+        cut = (f"{par.pipeline} stages of {sizes[0]} sublayers" if len(set(sizes)) == 1
+               else f"{par.pipeline} stages of {', '.join(map(str, sizes))} sublayers")
+        micro = cfg.train.global_batch_size // (cfg.train.micro_batch_size * par.data)
+        bubble = (par.pipeline - 1) / (micro + par.pipeline - 1)
+        lines.append(f"pipeline: n3 pretrain runs {cut} (the first also the embeddings, the last the final norm, "
+                     f"lm_head and MTP head), 1F1B over {micro} micro-batches a step: {bubble:.1%} of it idle; "
+                     "the other stages refuse it")
+    refused = [f"parallel.tensor = {par.tensor}"] if par.tensor > 1 else []
+    if par.pipeline > 1 and par.context > 1:
+        refused.append(f"parallel.pipeline = {par.pipeline} with parallel.context = {par.context}")
     if refused:
         lines.append(f"not trainable yet: {', '.join(refused)} (the trainers refuse it; this plan counts it)")
     return lines
+
+
+def stage_parameters(model: nn.Module, stages: int) -> list[tuple[int, int]]:
+    """(dense, routed-expert) parameters of each pipeline stage (stages.runtime.pipeline.stage_spans): its
+    sublayers, the embeddings on the first, the final norm, lm_head and MTP head on the last."""
+    spans = stage_spans(len(model.model.layers), stages)
+    counts = []
+    for stage, span in enumerate(spans):
+        modules = [model.model.layers[i] for i in span]
+        if stage == 0:
+            modules.append(model.model.embeddings)
+        if stage == stages - 1:
+            modules += [model.model.norm_f, model.lm_head] + ([model.mtp] if model.mtp is not None else [])
+        routed = sum(p.numel() for m in modules for e in m.modules() if isinstance(e, Experts) for p in e.parameters())
+        counts.append((sum(p.numel() for m in modules for p in m.parameters()) - routed, routed))
+    return counts
 
 
 def saved_per_token(model: ModelConfig, kind: str) -> float:

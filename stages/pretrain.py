@@ -1,6 +1,7 @@
 """`n3 pretrain`: train a model from scratch on a prepared corpus (REFERENCE.md section 2), resumable, single-process
-or under torchrun, data-parallel and context-parallel (parallel.context: groups of ranks share each sequence, see
-runtime/context.py).
+or under torchrun, data-parallel, context-parallel (parallel.context: groups of ranks share each sequence, see
+runtime/context.py), expert-parallel (parallel.expert, runtime/expert_parallel.py) and pipeline-parallel
+(parallel.pipeline: each rank holds a stage of the sublayers, runtime/pipeline.py).
 
 The run folder (made by the CLI, which also saves the resolved preset there) receives metrics.jsonl and
 checkpoints/step-<8 digits>/ (see runtime/checkpointing.py). The run ends with a validation loss, compared with the
@@ -27,12 +28,13 @@ from stages.runtime import distributed
 from stages.runtime.batches import PackedBatches, validation_batches
 from stages.runtime.checkpointing import latest_resumable, read_trainer_state, resume_loop, start_run_folder
 from stages.runtime.context import ContextLayout
-from stages.runtime.files import write_json
 from stages.runtime.corpus import Manifest
+from stages.runtime.files import write_json
 from stages.runtime.loop import LoopResult, TrainingJob, run_loop, validation
 from stages.runtime.losses import CausalLMObjective
 from stages.runtime.metrics import flops_per_token, peak_flops
 from stages.runtime.optim import build_optimizer
+from stages.runtime.pipeline import PipelineLayout, PipelineRunner
 from stages.runtime.progress import Progress, Quiet
 from stages.runtime.settings import configure_kernels
 
@@ -78,8 +80,10 @@ def pretrain(
     `preset_toml`, the resolved preset, is saved in a new run folder as <preset name>.toml for --resume."""
     progress = progress or Quiet()
     world = distributed.setup(cfg)
-    distributed.check_layout(cfg, world, context_parallel=True, expert_parallel=True)
+    distributed.check_layout(cfg, world, context_parallel=True, expert_parallel=True, pipeline_parallel=True)
     layout = ContextLayout.setup(cfg, world)
+    pipeline = PipelineLayout.setup(cfg, world)  # None without pipeline parallelism
+    readers = pipeline or layout  # which rows this rank trains on
     configure_kernels(cfg)
     if prepare_corpus is not None and world.is_main:
         prepare_corpus()
@@ -93,17 +97,18 @@ def pretrain(
     torch.manual_seed(cfg.train.seed)
     model = build(cfg.model, device=world.device)
     objective = distributed.prepare_model(CausalLMObjective(model, cfg.train.mtp_depths), cfg, world, progress.note,
-                                          expert_parallel=True)
+                                          expert_parallel=True, pipeline=pipeline)
     optimizer = build_optimizer(objective, cfg.train)
     batches = PackedBatches(corpus, manifest, cfg.train.seq_len, cfg.train.micro_batch_size,
-                            cfg.train.global_batch_size, steps, layout.data_rank, layout.data_size, cfg.train.seed)
+                            cfg.train.global_batch_size, steps, readers.data_rank, readers.data_size, cfg.train.seed)
+    runner = None if pipeline is None else PipelineRunner(objective, pipeline, world)
     path = latest_resumable(run) if resume else None
     if path is not None and read_trainer_state(path).get("corpus") != manifest.fingerprint:
         raise UserError(f"cannot resume {run}: its corpus has changed since the run started (rerun it from scratch)")
     start, monitor_state = resume_loop(path, objective, optimizer, batches, world, progress.note)
 
     val = validation_batches(corpus, manifest, cfg.train.seq_len, cfg.train.eval_sequences, cfg.train.micro_batch_size)
-    evaluate = validation(objective, val, cfg.precision.compute, world, layout)
+    evaluate = validation(objective, val, cfg.precision.compute, world, layout, runner)
     result = None
     if start < steps:
         job = TrainingJob(
@@ -115,6 +120,7 @@ def pretrain(
             trainer_state={"stage": "pretrain", "corpus": manifest.fingerprint, "preset": cfg.name,
                            "total_steps": steps},
             context=layout,
+            pipeline=runner,
         )
         result = run_loop(job, start, monitor_state)
     val_loss = result.val_loss if result is not None else evaluate()  # a finished run, resumed: measure it again

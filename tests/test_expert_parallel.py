@@ -174,7 +174,7 @@ def test_the_plan_says_how_the_experts_are_split_and_what_is_refused():
                          "them with FSDP2 over 4 ranks; the other stages shard them with FSDP2 over the world"]
     gb200 = plan_run(presets.load("gb200"))
     assert "over groups of 64 ranks" in gb200.runs[0] and "FSDP2 over 2 ranks" in gb200.runs[0]
-    assert gb200.runs[1].startswith("not trainable yet: parallel.pipeline = 4")
+    assert not any(line.startswith("not trainable yet") for line in gb200.runs)
     assert plan_run(presets.load("cpu")).runs == []
 
 

@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 
 import presets
-from stages.plan import plan_run
+from model.hybrid import build
+from stages.plan import plan_run, stage_parameters
 
 N3 = Path(sys.executable).parent / "n3"
 
@@ -36,9 +37,13 @@ def test_layout_and_memory_arithmetic():
     assert plan.layout == {"world": 512, "data": 128, "tensor": 1, "pipeline": 4, "expert": 64, "context": 1}
     assert plan.grad_accumulation == 3072 // 128
     p = plan.params
-    want = (p.total - p.routed) / (4 * 128) + p.routed / (4 * 64 * 2)
+    stages = stage_parameters(build(plan.config.model, device="meta"), 4)
+    assert sum(d for d, _ in stages) == p.total - p.routed and sum(r for _, r in stages) == p.routed
+    want = max(dense / 128 + routed / (64 * 2) for dense, routed in stages)  # FSDP over 128, experts 64 x 2
     assert plan.params_per_device == int(want)
     assert plan.state_bytes_per_device == int(want * 16)  # fp32 weights + fp32 grads + two fp32 Adam moments
+    even = (p.total - p.routed) / (4 * 128) + p.routed / (4 * 64 * 2)
+    assert even < want < 1.1 * even  # lm_head and the MTP head make the last stage the heaviest
 
 
 def test_gemm_formats_follow_the_precision_recipe():

@@ -30,10 +30,12 @@ def settings(corpus: Path, *extra: str) -> list[str]:
     return [arg for item in [*FAST, f"data.path={corpus}", *extra] for arg in ("--set", item)]
 
 
-def torchrun(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    """`torchrun --nproc-per-node 2 -m n3cli ARGS`: two gloo processes, the tests' environment, a free port."""
-    return subprocess.run([str(TORCHRUN), "--nproc-per-node", "2", "--master-port", str(free_port()), "-m", "n3cli",
-                           *args], cwd=cwd, capture_output=True, text=True, env=environment(), timeout=300)
+def torchrun(*args: str, cwd: Path | None = None, processes: int = 2) -> subprocess.CompletedProcess:
+    """`torchrun --nproc-per-node 2 -m n3cli ARGS`: two gloo processes (or `processes`), the tests' environment, a
+    free port."""
+    return subprocess.run([str(TORCHRUN), "--nproc-per-node", str(processes), "--master-port", str(free_port()),
+                           "-m", "n3cli", *args], cwd=cwd, capture_output=True, text=True, env=environment(),
+                          timeout=300)
 
 
 def cli(capsys, *args: str) -> tuple[int, str, str]:

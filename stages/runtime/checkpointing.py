@@ -38,9 +38,13 @@ from model.hybrid import NemotronH
 from model.tokenizer import Tokenizer
 from stages.runtime.distributed import World
 from stages.runtime.lora import merged_state
+from stages.runtime.pipeline import PipelineLayout, gather_stages
 
 TRAINER = "trainer.json"
 STATE = "training_state"
+STATE_OPTIONS = StateDictOptions(flatten_optimizer_state_dict=True)
+"""The optimizer's state and hyperparameters keyed by parameter name, so that ranks holding different parameters
+(pipeline stages) save and load their own, and a training state resumes under any layout."""
 
 
 def step_directory(run: Path, step: int) -> Path:
@@ -49,13 +53,16 @@ def step_directory(run: Path, step: int) -> Path:
 
 def save_checkpoint(
     run: Path, step: int, objective: nn.Module, optimizer: torch.optim.Optimizer, trainer: dict,
-    tokenizer: Tokenizer, world: World, keep: int = 0,
+    tokenizer: Tokenizer, world: World, keep: int = 0, pipeline: PipelineLayout | None = None,
 ) -> Path:
     """Write checkpoint `step` of the run (collective: every rank calls it). `objective` holds the NemotronH as
-    `.model` (wrapped or not); `trainer` is what resume needs besides tensors. Keeps the newest `keep` (0: all)."""
+    `.model` (wrapped or not, or one pipeline stage of it with `pipeline`); `trainer` is what resume needs besides
+    tensors. Keeps the newest `keep` (0: all)."""
     path = step_directory(run, step)
-    model_state, optimizer_state = get_state_dict(objective, optimizer)
-    full = get_model_state_dict(objective, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    model_state, optimizer_state = get_state_dict(objective, optimizer, options=STATE_OPTIONS)
+    # Offloaded, the full state lands on rank 0 alone; a pipeline gathers each stage's from the stage's own ranks.
+    offload = StateDictOptions(full_state_dict=True, cpu_offload=pipeline is None)
+    full = gather_stages(get_model_state_dict(objective, options=offload), pipeline)
     with _shared_atomic_directory(path, world) as tmp:
         with _single_process_is_intended():
             dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=tmp / STATE,
@@ -146,7 +153,7 @@ def read_trainer_state(path: Path) -> dict:
 def load_checkpoint(path: Path, objective: nn.Module, optimizer: torch.optim.Optimizer, world: World) -> dict:
     """Restore model, optimizer and this rank's random generators from checkpoint `path`; return the trainer state."""
     trainer = read_trainer_state(path)
-    model_state, optimizer_state = get_state_dict(objective, optimizer)
+    model_state, optimizer_state = get_state_dict(objective, optimizer, options=STATE_OPTIONS)
     state = {"model": model_state, "optimizer": optimizer_state}
     try:
         with _single_process_is_intended():
@@ -155,7 +162,8 @@ def load_checkpoint(path: Path, objective: nn.Module, optimizer: torch.optim.Opt
         cause = next(iter(err.failures.values()))[0] if isinstance(err, CheckpointException) else err
         message = f"{type(cause).__name__} {' '.join(str(cause).split())[:200]}".strip()
         raise UserError(f"cannot read the training state in {path / STATE}: {message} (corrupt checkpoint?)") from None
-    set_state_dict(objective, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+    set_state_dict(objective, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"],
+                   options=STATE_OPTIONS)
     rng = path / f"rng-{world.rank}.pt"
     if rng.is_file():
         _set_rng_state(torch.load(rng, weights_only=True))

@@ -20,7 +20,8 @@ def compile_blocks(model: nn.Module, note: Callable[[str], None]) -> int:
     if problem is not None:
         note(f"train.compile: torch.compile does not work here ({problem}); training eagerly")
         return 0
-    layers = list(model.model.layers) + (list(model.mtp.layers) if model.mtp is not None else [])
+    # children(): the main stack is a ModuleList, or a pipeline stage's ModuleDict of its sublayers
+    layers = list(model.model.layers.children()) + (list(model.mtp.layers) if model.mtp is not None else [])
     for block in layers:
         block.compile()
     note(f"train.compile: {len(layers)} blocks compile during the first steps")

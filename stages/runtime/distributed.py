@@ -98,33 +98,41 @@ def teardown() -> None:
 
 def check_layout(
     cfg: RunConfig, world: World, train: TrainConfig | None = None, model: ModelConfig | None = None,
-    context_parallel: bool = False, expert_parallel: bool = False,
+    context_parallel: bool = False, expert_parallel: bool = False, pipeline_parallel: bool = False,
 ) -> None:
     """What this trainer runs: data parallelism (DDP or FSDP2) over all ranks. `context_parallel`: the stage also
     runs parallel.context > 1 (it trains through stages.runtime.context, whose groups of C ranks share each
     sequence); other stages refuse it. `expert_parallel`: the stage splits the experts over parallel.expert ranks
-    (stages.runtime.expert_parallel); in other stages FSDP shards experts like any weight. `train` is the stage's
+    (stages.runtime.expert_parallel); in other stages FSDP shards experts like any weight. `pipeline_parallel`: the
+    stage runs parallel.pipeline > 1 (stages.runtime.pipeline); other stages refuse it. `train` is the stage's
     optimisation table (default: pretraining's [train]), `model` the shape it trains (default: the preset's)."""
     train, model = train or cfg.train, model or cfg.model
     parallel = cfg.parallel
     if expert_parallel and parallel.expert > 1 and world.distributed:
         _check_experts(parallel.expert, cfg, world, model)
-    for key in ("tensor", "pipeline") + (() if context_parallel else ("context",)):
-        if getattr(parallel, key) > 1:
+    if pipeline_parallel and parallel.pipeline > 1 and world.distributed:
+        from stages.runtime.pipeline import check_pipeline
+
+        check_pipeline(cfg, world, train)
+    allowed = {"context": context_parallel, "pipeline": pipeline_parallel}
+    for key in ("tensor", "pipeline", "context"):
+        if getattr(parallel, key) > 1 and not allowed.get(key):
+            what = [name for name, on in (("context", context_parallel), ("pipeline", pipeline_parallel)) if on]
             raise UserError(
                 f"parallel.{key} = {getattr(parallel, key)}: this stage trains data-parallel (DDP or FSDP2)"
-                f"{' and context-parallel' if context_parallel else ''} only; set parallel.{key}=1"
+                f"{''.join(f' and {name}-parallel' for name in what)} only; set parallel.{key}=1"
             )
     if cfg.precision.compute == "bf16" and world.device.type != "cuda":
         raise UserError("precision.compute = bf16 needs a GPU here; on CPU use precision.compute=fp32")
     context = parallel.context if world.distributed else 1  # one process trains whole sequences
     if context > 1:
         _check_context(context, world, train, model)
-    per_step = train.micro_batch_size * (world.size // context)
+    stages = parallel.pipeline if pipeline_parallel and world.distributed else 1
+    per_step = train.micro_batch_size * (world.size // (context * stages))
     if train.global_batch_size % per_step:
         raise UserError(
             f"global_batch_size ({train.global_batch_size}) must be a multiple of micro_batch_size x "
-            f"data-parallel processes ({train.micro_batch_size} x {world.size // context})"
+            f"data-parallel processes ({train.micro_batch_size} x {world.size // (context * stages)})"
         )
     if world.distributed and parallel.strategy == "none":
         raise UserError(f"{world.size} processes but parallel.strategy = none; set parallel.strategy=ddp or fsdp")
@@ -165,19 +173,24 @@ def autocast(compute: str, world: World):
 
 def prepare_model(
     objective: nn.Module, cfg: RunConfig, world: World, note: Callable[[str], None] = lambda message: None,
-    train: TrainConfig | None = None, expert_parallel: bool = False,
+    train: TrainConfig | None = None, expert_parallel: bool = False, pipeline=None,
 ) -> nn.Module:
     """The one place a model becomes trainable: activation checkpointing and per-block compilation as the stage's
     optimisation table says (`train.activation_checkpointing`, `train.compile`; default pretraining's [train]),
     master-weight dtype, then the low-precision converter (fp8, nvfp4: model.lowp, on the unwrapped modules), then
     the compiler, then DDP or FSDP2 (with `expert_parallel` and parallel.expert > 1, the experts split over expert
-    groups first: stages.runtime.expert_parallel). Returns what the loop calls; `note` hears what the converter and
-    the compiler did."""
+    groups first: stages.runtime.expert_parallel). With `pipeline` (a stages.runtime.pipeline.PipelineLayout) the
+    objective is first cut to this rank's stage, which FSDP2 shards over the stage's ranks. Returns what the loop
+    calls; `note` hears what the converter and the compiler did."""
     train = train or cfg.train
     from model.hybrid import cast
     from model.lowp import LOW_PRECISION_COMPUTE, convert
     from stages.runtime.compiling import compile_blocks
 
+    if pipeline is not None:
+        from stages.runtime.pipeline import StageObjective
+
+        objective = StageObjective(objective, pipeline)
     objective.to(world.device)
     objective.model.set_activation_checkpointing(train.activation_checkpointing)
     if cfg.precision.params == "bf16":
@@ -188,6 +201,10 @@ def prepare_model(
         compile_blocks(objective.model, note)
     if not world.distributed:
         return objective
+    if pipeline is not None:
+        if pipeline.data_mesh is None:
+            return objective
+        return _fsdp(objective, cfg, world, mesh=pipeline.data_mesh, expert_mesh=pipeline.expert_mesh)
     if cfg.parallel.strategy == "ddp":
         return _ddp(objective, cfg, world)
     return _fsdp(objective, cfg, world, experts=cfg.parallel.expert if expert_parallel else 1)
@@ -235,44 +252,52 @@ def _reduce_in(dtype: torch.dtype):
     return hook
 
 
-def _fsdp(objective: nn.Module, cfg: RunConfig, world: World, experts: int = 1) -> nn.Module:
-    """FSDP2 over the world; with `experts` > 1 the experts split over groups of that many ranks first."""
+def _fsdp(objective: nn.Module, cfg: RunConfig, world: World, experts: int = 1, mesh=None, expert_mesh=None
+          ) -> nn.Module:
+    """FSDP2 over the world (or the ranks of `mesh`); with `experts` > 1 the experts split over groups of that many
+    ranks of the world first (or over `expert_mesh`'s, a pipeline stage's)."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     param_dtype = torch.bfloat16 if cfg.precision.compute == "bf16" else None
     reduce_dtype = DTYPES[cfg.parallel.reduce_dtype]
     policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
     model = objective.model
-    if experts > 1:
-        from stages.runtime.expert_parallel import expert_mesh, shard_expert_weights, shard_experts
+    if experts > 1 or expert_mesh is not None:
+        from stages.runtime.expert_parallel import shard_expert_weights, shard_experts, world_expert_mesh
 
-        mesh = expert_mesh(world, experts)
-        shard_experts(model, mesh)
-        shard_expert_weights(model, mesh, policy)  # inner units: the layers' units below leave them be
-    for layer in model.model.layers:
-        fully_shard(layer, mp_policy=policy)
+        expert_mesh = expert_mesh or world_expert_mesh(world, experts)
+        shard_experts(model, expert_mesh)
+        shard_expert_weights(model, expert_mesh, policy)  # inner units: the layers' units below leave them be
+    for layer in model.model.layers.children():  # a ModuleList, or a pipeline stage's ModuleDict
+        fully_shard(layer, mesh=mesh, mp_policy=policy)
     if model.mtp is not None and any(p.requires_grad for p in model.mtp.parameters()):
         # A frozen MTP head (RL's) runs in no forward: as a unit of its own it would never be gathered, and FSDP2's
         # end of backward fails on it. Left to the root unit, it is gathered with the embeddings.
-        fully_shard(model.mtp, mp_policy=policy)
+        fully_shard(model.mtp, mesh=mesh, mp_policy=policy)
     # The root unit holds what the layers do not: embeddings, final norm and the output layer.
     root_reduce = torch.float32 if cfg.parallel.output_grad_fp32 else reduce_dtype
-    fully_shard(objective, mp_policy=MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=root_reduce))
+    fully_shard(objective, mesh=mesh, mp_policy=MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=root_reduce))
     return objective
 
 
-def clip_gradients(params: list[nn.Parameter], max_norm: float) -> torch.Tensor:
+def clip_gradients(params: list[nn.Parameter], max_norm: float, stages: dist.ProcessGroup | None = None
+                   ) -> torch.Tensor:
     """torch's clip_grad_norm_, also over gradients on different device meshes (expert parallelism: the experts'
     on the expert mesh, the rest on the world's), whose norms torch cannot stack: each mesh's norm in full, then the
-    total. Returns the total norm before clipping."""
+    total; with `stages` (pipeline parallelism: the group of ranks holding the other stages' parameters) over all
+    of theirs too. Returns the total norm before clipping."""
     by_mesh: dict = {}
     for p in params:
         if p.grad is not None:
             by_mesh.setdefault(getattr(p.grad, "device_mesh", None), []).append(p.grad)
-    if len(by_mesh) <= 1:
+    if len(by_mesh) <= 1 and stages is None:
         return torch.nn.utils.clip_grad_norm_(params, max_norm)
     norms = [full_tensor(torch.nn.utils.get_total_norm(grads)) for grads in by_mesh.values()]
-    total = torch.linalg.vector_norm(torch.stack(norms))
+    total = torch.linalg.vector_norm(torch.stack(norms)) if norms else torch.zeros(())
+    if stages is not None:
+        squared = total.square()
+        dist.all_reduce(squared, group=stages)
+        total = squared.sqrt()
     scale = min(1.0, max_norm / (total.item() + 1e-6))
     if scale < 1.0:
         for grads in by_mesh.values():

@@ -7,6 +7,8 @@ the ranks at the same place in every group hold the same experts and form its ex
 travel to their experts and back by all-to-all (model.expert_parallel). The expert weights are DTensors sharded on
 the expert dimension over the group, and FSDP2 shards them further over the expert-data-parallel ranks; every other
 weight (router, shared expert, latent projections, attention, Mamba, embeddings) stays FSDP2 over the whole world.
+Under pipeline parallelism the same holds within each stage: its ranks take the world's place
+(stages.runtime.pipeline builds their mesh).
 
 Gradients: the loop scales each rank's loss by the world, which FSDP divides back. An expert's gradient already sums
 its own group's tokens (the all-to-all's backward), and the expert-data-parallel reduction adds the other groups'
@@ -30,7 +32,7 @@ from stages.runtime.distributed import World
 MESH = ("expert_data", "expert")
 
 
-def expert_mesh(world: World, size: int) -> DeviceMesh:
+def world_expert_mesh(world: World, size: int) -> DeviceMesh:
     """The (world / E, E) mesh; collective."""
     return init_device_mesh(world.device.type, (world.size // size, size), mesh_dim_names=MESH)
 

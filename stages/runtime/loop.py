@@ -5,12 +5,16 @@ A stage supplies a `TrainingJob`: its optimisation settings (a TrainConfig: pret
 such table), the objective (a module whose forward returns the loss and its statistics, see losses.CausalLMObjective)
 prepared by distributed.prepare_model, the optimizer, and a source of batches with `next_step()` (this rank's
 micro-batches, batches.MicroBatch), `phase()`, `state_dict()` and `load_state_dict()`; under context parallelism
-(`context`, see stages.runtime.context) the source gives this rank's group whole rows and the loop slices them.
+(`context`, see stages.runtime.context) the source gives this rank's group whole rows and the loop slices them; under
+pipeline parallelism (`pipeline`, see stages.runtime.pipeline) it gives this rank's pipeline its rows, the objective
+is this rank's stage, and the pipeline's schedule runs the micro-batches.
 
 Loss normalisation: each head's summed token losses are divided by that head's valid-label count over the whole global
 batch (all micro-batches, all ranks), so one process with accumulation and N processes compute the same loss and
 gradients. Data-parallel wrappers average gradients over ranks, hence the factor `world` in the weights. Under context
-parallelism each rank sums the losses of its slices, and the counts cover every slice, so the same holds.
+parallelism each rank sums the losses of its slices, and the counts cover every slice, so the same holds. Under
+pipeline parallelism the P stages of a pipeline see the same rows (the counts are divided by P) and the wrappers
+average over the world / P ranks of a stage.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ from stages.runtime.expert_parallel import step_metrics as expert_metrics
 from stages.runtime.losses import head_token_counts, update_expert_bias
 from stages.runtime.metrics import MetricsLog, Monitor, max_violation
 from stages.runtime.optim import set_lr, wsd_lr
+from stages.runtime.pipeline import PipelineRunner
 from stages.runtime.progress import Progress
 
 
@@ -60,6 +65,8 @@ class TrainingJob:
     """Facts saved in every checkpoint's trainer.json besides the loop's own (e.g. the corpus fingerprint)."""
     context: ContextLayout | None = None
     """Context parallelism (ContextLayout.setup), or None: whole rows on every rank."""
+    pipeline: PipelineRunner | None = None
+    """Pipeline parallelism (the objective is this rank's stage, see stages.runtime.pipeline), or None."""
 
 
 @dataclass
@@ -111,7 +118,7 @@ def run_loop(job: TrainingJob, start_step: int = 0, monitor_state: dict | None =
             "phase": job.batches.phase(),
             "maxvio": dict(zip(moe_names, maxvio)),
             "residual_rms": rms.tolist(),
-        } | expert_metrics(objective, world, seconds)
+        } | expert_metrics(objective, world, seconds) | _pipeline_metrics(job)
         step_warnings = monitor.check(done, maxvio, record["residual_rms"], moe_names)
         if done % train.eval_interval == 0 or done == job.total_steps:
             val_loss = record["val_loss"] = job.evaluate() if job.evaluate else None
@@ -126,7 +133,7 @@ def run_loop(job: TrainingJob, start_step: int = 0, monitor_state: dict | None =
         if done % train.checkpoint_interval == 0 or done == job.total_steps:
             trainer = job.trainer_state | {"data": job.batches.state_dict(), "monitor": monitor.state_dict()}
             checkpoint = save_checkpoint(job.run, done, job.objective, job.optimizer, trainer, job.tokenizer, world,
-                                         keep=train.keep_checkpoints)
+                                         keep=train.keep_checkpoints, pipeline=_layout(job))
     steps = job.total_steps - start_step
     return LoopResult(steps, steps * tokens_per_step, time.perf_counter() - started, record, val_loss, checkpoint,
                       warnings)
@@ -140,23 +147,36 @@ def optimizer_step(job: TrainingJob, step: int) -> tuple[float, list[float], flo
     lr = wsd_lr(step, job.total_steps, train)
     set_lr(job.optimizer, lr)
     head_losses, aux, load, rms = _accumulate_gradients(job, _head_scales(job))
-    grad_norm = apply_gradients(job.objective, job.optimizer, train, load)
+    layout = _layout(job)
+    grad_norm = apply_gradients(job.objective, job.optimizer, train, load, None if layout is None else layout.group)
     return lr, head_losses, aux, load, rms, grad_norm
 
 
-def apply_gradients(objective: nn.Module, optimizer: torch.optim.Optimizer, train: TrainConfig, load: torch.Tensor
-                    ) -> float:
+def apply_gradients(objective: nn.Module, optimizer: torch.optim.Optimizer, train: TrainConfig, load: torch.Tensor,
+                    stages=None) -> float:
     """The end of every optimizer step, whatever the objective: clip the accumulated gradients, step AdamW, clear
-    the gradients, move the expert biases by the step's load (per MoE layer, as the objective lists them). Returns
-    the gradient norm before clipping."""
+    the gradients, move the expert biases by the step's load (per MoE layer, as the objective lists them; None for
+    another pipeline stage's). `stages`: the pipeline's process group, whose ranks hold the other stages' gradients
+    (the norm covers them all). Returns the gradient norm before clipping."""
     params = [p for p in objective.parameters() if p.requires_grad]
-    grad_norm = distributed.clip_gradients(params, train.grad_clip or math.inf)
+    grad_norm = distributed.clip_gradients(params, train.grad_clip or math.inf, stages)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     unwrapped = distributed.unwrap(objective)
     for moe, layer_load in zip(unwrapped.main_moes + unwrapped.mtp_moes, load):
-        update_expert_bias(moe, layer_load, train.bias_update_rate)
+        if moe is not None:
+            update_expert_bias(moe, layer_load, train.bias_update_rate)
     return float(distributed.full_tensor(grad_norm))
+
+
+def _layout(job: TrainingJob):
+    """The job's pipeline layout, or None."""
+    return None if job.pipeline is None else job.pipeline.layout
+
+
+def _pipeline_metrics(job: TrainingJob) -> dict:
+    """The step's pipeline bubble share (collective); empty without pipeline parallelism."""
+    return {} if job.pipeline is None else {"pipeline_bubble_share": job.pipeline.take_bubble_share()}
 
 
 def _head_scales(job: TrainingJob) -> list[float]:
@@ -177,26 +197,40 @@ def _forward_backward(job: TrainingJob, head_scales: list[float], micro_batches:
     """_accumulate_gradients over the given micro-batches (this rank's slices under context parallelism)."""
     train, world = job.train, job.world
     depths = len(head_scales) - 1
+    stages = 1 if job.pipeline is None else job.pipeline.layout.size  # the ranks that see the same rows
     counts = torch.stack([head_token_counts(mb.labels, depths, mb.seq_idx) for mb in micro_batches]).sum(0)
-    counts = world.all_reduce(counts.to(world.device)).clamp(min=1).tolist()
-    # Wrappers average gradients over ranks: multiply by the world to keep sum(loss) / global count.
-    weights = [world.size * scale / n for scale, n in zip(head_scales, counts)]
+    counts = (world.all_reduce(counts.to(world.device)) / stages).clamp(min=1).tolist()
+    # Wrappers average gradients over the ranks holding the same weights: multiply by their number to keep
+    # sum(loss) / global count.
+    weights = [world.size // stages * scale / n for scale, n in zip(head_scales, counts)]
     weights.append(train.aux_loss_coeff / len(micro_batches))
-    sums, load, rms = torch.zeros(len(head_scales) + 1, device=world.device), 0, 0
+    if job.pipeline is not None:
+        with distributed.autocast(job.compute, world):
+            sums, load, rms = job.pipeline.step(micro_batches, weights)
+    else:
+        sums, load, rms = _each_micro_batch(job, micro_batches, weights)
+    distributed.reduce_output_gradients(job.objective, world)
+    stats = world.all_reduce(torch.cat([sums, load.flatten(), rms]))
+    sums, load, rms = stats[: len(sums)], stats[len(sums) : len(sums) + load.numel()].view_as(load), stats[-len(rms) :]
+    micro_total = len(micro_batches) * world.size // stages
+    head_losses = [total / n for total, n in zip(sums[:-1].tolist(), counts)]
+    return head_losses, sums[-1].item() / micro_total, load, rms / micro_total
+
+
+def _each_micro_batch(job: TrainingJob, micro_batches: list, weights: list[float]):
+    """Forward and backward of each micro-batch in turn, gradients synchronised after the last; returns this rank's
+    summed statistics: head sums and aux, expert load, residual RMS."""
+    world = job.world
+    sums, load, rms = 0, 0, 0
     for i, mb in enumerate(micro_batches):
         with distributed.gradient_sync(job.objective, sync=i == len(micro_batches) - 1):
             with distributed.autocast(job.compute, world):
                 out = job.objective(mb.input_ids.to(world.device), mb.labels.to(world.device), weights,
                                     seq_idx=_on(mb.seq_idx, world))
             out["loss"].backward()
-        sums += torch.cat([out["head_sums"], out["aux"][None]])
+        sums = sums + torch.cat([out["head_sums"], out["aux"][None]])
         load, rms = load + out["expert_load"], rms + out["residual_rms"]
-    distributed.reduce_output_gradients(job.objective, world)
-    stats = world.all_reduce(torch.cat([sums, load.flatten(), rms]))
-    sums, load, rms = stats[: len(sums)], stats[len(sums) : len(sums) + load.numel()].view_as(load), stats[-len(rms) :]
-    micro_total = len(micro_batches) * world.size
-    head_losses = [total / n for total, n in zip(sums[:-1].tolist(), counts)]
-    return head_losses, sums[-1].item() / micro_total, load, rms / micro_total
+    return sums, load, rms
 
 
 def _on(tensor: torch.Tensor | None, world: World) -> torch.Tensor | None:
@@ -204,14 +238,16 @@ def _on(tensor: torch.Tensor | None, world: World) -> torch.Tensor | None:
 
 
 def validation(
-    objective: nn.Module, batches: list, compute: str, world: World, context: ContextLayout | None = None
+    objective: nn.Module, batches: list, compute: str, world: World, context: ContextLayout | None = None,
+    pipeline: PipelineRunner | None = None,
 ) -> Callable[[], float | None]:
     """A function returning the mean next-token loss over `batches` (micro-batches of the validation set) with the
     matmuls in `compute` precision. Every rank runs the same number of forwards (FSDP gathers weights in each); a rank
     short of batches runs a masked one. Under context parallelism (`context`) the ranks of a group evaluate the
-    slices of the same batches."""
+    slices of the same batches; under pipeline parallelism (`pipeline`) the stages of a pipeline run them in turn."""
     layout = context or ContextLayout.single(world)
-    per_rank = math.ceil(len(batches) / layout.data_size)
+    readers = layout if pipeline is None else pipeline.layout  # who reads which batches
+    per_rank = math.ceil(len(batches) / readers.data_size)
 
     @torch.no_grad()
     def evaluate() -> float | None:
@@ -220,10 +256,13 @@ def validation(
         totals = torch.zeros(2, device=world.device)
         objective.eval()
         for i in range(per_rank):
-            j = i * layout.data_size + layout.data_rank
+            j = i * readers.data_size + readers.data_rank
             batch = layout.slice(batches[min(j, len(batches) - 1)])
             labels = batch.labels if j < len(batches) else torch.full_like(batch.labels, IGNORE)
             with layout.active(), distributed.autocast(compute, world):
+                if pipeline is not None:
+                    totals += pipeline.evaluate(batch, labels)
+                    continue
                 out = objective(batch.input_ids.to(world.device), labels.to(world.device),
                                 seq_idx=_on(batch.seq_idx, world))
             totals += torch.stack([out["head_sums"][0], (labels != IGNORE).sum().to(totals)])

@@ -138,8 +138,7 @@ class CausalLMObjective(nn.Module):
         backbone.residual_rms = [] if self.training else None
         h = backbone(input_ids, seq_idx=seq_idx)
         if not self.training or weights is None:
-            _, losses = linear_cross_entropy(h.flatten(0, 1), model.lm_head.weight, labels.flatten(), _ones(labels))
-            return {"head_sums": losses.sum()[None]}
+            return {"head_sums": head_losses([h], [labels], model.lm_head.weight, [1.0])[1]}
 
         hidden, targets = [h], [labels]
         aux = aux_terms(self.main_moes, input_ids.shape[0], h.device)
@@ -152,26 +151,30 @@ class CausalLMObjective(nn.Module):
             aux = aux + aux_terms(self.mtp_moes, input_ids.shape[0], h.device)
             mtp_loads = [total + expert_load(moe.last_routing[1], moe.gate.weight.shape[0])
                          for total, moe in zip(mtp_loads, self.mtp_moes)]
-        rows = labels.numel()
-        row_weights = torch.cat([torch.full((rows,), w, device=h.device) for w in weights[: self.heads]])
-        total, losses = linear_cross_entropy(
-            torch.cat(hidden).flatten(0, 1), model.lm_head.weight, torch.cat(targets).flatten(), row_weights
-        )
+        total, sums = head_losses(hidden, targets, model.lm_head.weight, weights[: self.heads])
         residual = torch.stack(backbone.residual_rms) if backbone.residual_rms else h.new_zeros(0)
         backbone.residual_rms = None
         return {
             "loss": total + weights[self.heads] * aux,
-            "head_sums": losses.view(self.heads, -1).sum(1),
+            "head_sums": sums,
             "aux": aux.detach(),
             "expert_load": torch.stack(loads + mtp_loads) if loads or mtp_loads else h.new_zeros(0, 0),
             "residual_rms": residual,
         }
 
 
+def head_losses(hidden: list[torch.Tensor], targets: list[torch.Tensor], lm_head: torch.Tensor, weights: list[float]
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every head's cross-entropy through one fused linear cross-entropy, so lm_head's gradient is assembled once:
+    `hidden` (b, t, d) and `targets` (b, t) per head, `weights` the multiplier of each head's summed loss. Returns
+    the weighted total and each head's summed loss (heads,), detached."""
+    rows = targets[0].numel()
+    row_weights = torch.cat([torch.full((rows,), w, device=hidden[0].device) for w in weights])
+    total, losses = linear_cross_entropy(torch.cat(hidden).flatten(0, 1), lm_head, torch.cat(targets).flatten(),
+                                         row_weights)
+    return total, losses.view(len(hidden), -1).sum(1)
+
+
 def aux_terms(moes: list[LatentMoE], sequences: int, device: torch.device) -> torch.Tensor:
     """The sequence-level aux losses of the last forward of `moes`, summed over layers."""
     return sum((sequence_aux_loss(*moe.last_routing, sequences) for moe in moes), torch.zeros((), device=device))
-
-
-def _ones(labels: torch.Tensor) -> torch.Tensor:
-    return torch.ones(labels.numel(), device=labels.device)
