@@ -207,7 +207,7 @@ def plan(model: nn.Module, precision: PrecisionSettings) -> dict[str, str]:
     precision). Empty unless precision.compute is fp8 or nvfp4. Works on the meta device."""
     if precision.compute not in LOW_PRECISION_COMPUTE:
         return {}
-    layers = sum(1 for name, _ in model.named_modules() if re.fullmatch(r"model\.layers\.\d+", name))
+    layers = model.config.num_layers  # of the whole stack, also when `model` holds one pipeline stage's layers
     first_kept = layers - math.floor(precision.bf16_last_layers * layers + 1e-9)
     formats = {}
     for name, module in model.named_modules():
