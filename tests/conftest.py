@@ -46,6 +46,22 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def rank_zero_result(worker, processes: int, *args):
+    """Run worker(rank, *args, port, results) in `processes` spawned processes (a gloo world on a free port) and
+    return what rank 0 puts on `results`."""
+    import torch.multiprocessing as mp
+
+    results = mp.get_context("spawn").SimpleQueue()
+    workers = mp.start_processes(worker, args=(*args, free_port(), results), nprocs=processes, start_method="spawn",
+                                 join=False)
+    while results.empty():  # read before joining (a result can fill more than the pipe holds)
+        workers.join(timeout=1)
+    found = results.get()
+    while not workers.join():
+        pass
+    return found
+
+
 def write_documents(folder, count: int, seed: int, kind: str) -> None:
     """`count` small deterministic documents, one file each: prose-like sentences or code-like lines."""
     import random

@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 import presets
 from kernels.cross_entropy import IGNORE
@@ -26,7 +25,7 @@ from stages.runtime.losses import CausalLMObjective
 from stages.runtime.optim import build_optimizer
 from stages.runtime.progress import Quiet
 from stages.runtime.metrics import read_metrics
-from tests.conftest import free_port
+from tests.conftest import rank_zero_result
 from tests.test_context_parallel import FixedBatches
 from tests.test_pretrain import n3_process, settings, torchrun
 
@@ -85,18 +84,6 @@ def worker(rank: int, processes: int, port: int, results) -> None:
         distributed.teardown()
 
 
-def run_workers(processes: int) -> dict:
-    results = mp.get_context("spawn").SimpleQueue()
-    workers = mp.start_processes(worker, args=(processes, free_port(), results), nprocs=processes,
-                                 start_method="spawn", join=False)
-    while results.empty():  # read before joining (the gradients fill more than the pipe holds)
-        workers.join(timeout=1)
-    found = results.get()
-    while not workers.join():
-        pass
-    return found
-
-
 @pytest.fixture(scope="module")
 def one_process() -> dict:
     threads = torch.get_num_threads()
@@ -109,7 +96,7 @@ def one_process() -> dict:
 
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_a_training_step_matches_one_process(one_process, layout):
-    one, many = one_process, run_workers(LAYOUTS[layout])
+    one, many = one_process, rank_zero_result(worker, LAYOUTS[layout], LAYOUTS[layout])
     for key in ("heads", "aux", "val", "norm"):
         assert torch.allclose(torch.tensor(many[key]), torch.tensor(one[key]), rtol=0, atol=1e-4), key
     assert (many["load"] == one["load"]).all()  # the same routing, counted over every rank's tokens

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 import presets
 from model.errors import UserError
@@ -26,7 +25,7 @@ from stages.runtime.metrics import read_metrics
 from stages.runtime.optim import build_optimizer
 from stages.runtime.pipeline import PipelineLayout, PipelineRunner, stage_spans
 from stages.runtime.progress import Quiet
-from tests.conftest import free_port
+from tests.conftest import rank_zero_result
 from tests.test_context_parallel import FixedBatches
 from tests.test_expert_parallel import SETTINGS, assert_same_weights, hf_weights, rows
 from tests.test_pretrain import n3_process, settings, torchrun
@@ -92,18 +91,6 @@ def worker(rank: int, layout: str, port: int, results) -> None:
         distributed.teardown()
 
 
-def run_workers(layout: str) -> dict:
-    results = mp.get_context("spawn").SimpleQueue()
-    workers = mp.start_processes(worker, args=(layout, free_port(), results), nprocs=LAYOUTS[layout][0],
-                                 start_method="spawn", join=False)
-    while results.empty():  # read before joining (the gradients fill more than the pipe holds)
-        workers.join(timeout=1)
-    found = results.get()
-    while not workers.join():
-        pass
-    return found
-
-
 @pytest.fixture(scope="module")
 def one_process() -> dict:
     threads = torch.get_num_threads()
@@ -117,7 +104,7 @@ def one_process() -> dict:
 
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_a_training_step_matches_one_process(one_process, layout):
-    one, many = one_process[LAYOUTS[layout][1]], run_workers(layout)
+    one, many = one_process[LAYOUTS[layout][1]], rank_zero_result(worker, LAYOUTS[layout][0], layout)
     for key in ("heads", "aux", "val", "norm"):
         assert torch.allclose(torch.tensor(many[key]), torch.tensor(one[key]), rtol=0, atol=1e-4), key
     assert (many["load"] == one["load"]).all()  # every MoE layer's load, each counted on its own stage
