@@ -8,13 +8,23 @@
 from __future__ import annotations
 
 import dataclasses
-import os
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from n3cli.options import DEFAULT_PRESET, Checkpoint, DryRun, Out, Preset, Resume, Sets, load_preset, resumed_preset
+from n3cli.options import (
+    DEFAULT_PRESET,
+    Checkpoint,
+    DryRun,
+    Out,
+    Preset,
+    Resume,
+    Sets,
+    default_checkpoint,
+    load_preset,
+    resumed_preset,
+)
 
 
 def run(
@@ -34,7 +44,6 @@ def run(
 ) -> None:
     """Continue pretraining a checkpoint on long rows (default: the newest pretrain run) and print the loss by
     position, RULER and the short-context loss, before and after."""
-    from model.errors import UserError
     from presets import check_extend
 
     shortcuts = [f"extend.{key}={value}" for key, value in (("train.seq_len", seq_len),
@@ -50,37 +59,22 @@ def run(
     if dry_run:
         _plan(cfg, checkpoint)
         return
-    if checkpoint is None and not resume:
-        from stages.runtime.checkpointing import newest_run
-
-        checkpoint = newest_run(Path("runs"), "pretrain")
-        if checkpoint is None:
-            raise UserError("give --checkpoint DIR (no run under runs/ is an n3 pretrain run; `n3 pretrain` makes one)")
-    _train(cfg, run_dir, checkpoint, resume)
+    _train(cfg, run_dir, default_checkpoint(checkpoint, resume, ("pretrain",)), resume)
 
 
 def _train(cfg, run_dir: Path, checkpoint: Path | None, resume: bool) -> None:
-    from contextlib import nullcontext
-
     from model.checkpoint import config_from_hf, read_config, resolve_checkpoint
-    from n3cli.presets import to_toml
     from n3cli.pretrain import pretraining_corpus
-    from n3cli.progress import RichProgress
+    from n3cli.progress import training_session
     from n3cli.report import print_extend
-    from presets import as_dict
     from stages.extend import extend
-    from stages.runtime import distributed
     from stages.runtime.checkpointing import latest_resumable, read_trainer_state
 
-    progress = RichProgress() if os.environ.get("RANK", "0") == "0" else None
     start = Path(read_trainer_state(latest_resumable(run_dir))["start"]) if resume else resolve_checkpoint(checkpoint)
-    corpus, prepare_corpus = pretraining_corpus(cfg, config_from_hf(read_config(start)).vocab_size, progress)
-    try:
-        with progress or nullcontext():
-            result = extend(cfg, run_dir, checkpoint, corpus, resume=resume, progress=progress,
-                            prepare_corpus=prepare_corpus, preset_toml=to_toml(as_dict(cfg)))
-    finally:
-        distributed.teardown()
+    with training_session(cfg) as (progress, preset_toml):
+        corpus, prepare_corpus = pretraining_corpus(cfg, config_from_hf(read_config(start)).vocab_size, progress)
+        result = extend(cfg, run_dir, checkpoint, corpus, resume=resume, progress=progress,
+                        prepare_corpus=prepare_corpus, preset_toml=preset_toml)
     if result is not None:
         print_extend(result)
 

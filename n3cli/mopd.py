@@ -13,8 +13,20 @@ from typing import Annotated
 
 import typer
 
-from n3cli.options import DEFAULT_PRESET, Checkpoint, DryRun, Out, Preset, Resume, Sets, Weights, load_preset, \
-    parse_weights, resumed_preset
+from n3cli.options import (
+    DEFAULT_PRESET,
+    Checkpoint,
+    DryRun,
+    Out,
+    Preset,
+    Resume,
+    Sets,
+    Weights,
+    default_checkpoint,
+    load_preset,
+    parse_weights,
+    resumed_preset,
+)
 
 BUILT_IN = ("math", "code", "instructions")
 
@@ -72,13 +84,7 @@ def run(
     if weight:
         md.weights = weights_by_name(envs, parse_weights(weight))
     teachers = _teachers(teacher or md.teachers, list(envs), resume)
-    if checkpoint is None and not resume:
-        from stages.runtime.checkpointing import newest_run
-
-        checkpoint = newest_run(Path("runs"), "sft")
-        if checkpoint is None:
-            raise UserError("give --checkpoint DIR, the student (no run under runs/ is an n3 sft run; `n3 sft` makes "
-                            "one)")
+    checkpoint = default_checkpoint(checkpoint, resume, ("sft",), role="the student")
     if dry_run:
         _plan(cfg, checkpoint, teachers)
         return
@@ -125,23 +131,12 @@ def _trained_only(run: Path, domain: str) -> bool:
 
 
 def _train(cfg, run_dir: Path, checkpoint: Path | None, teachers: dict[str, str], resume: bool) -> None:
-    import os
-    from contextlib import nullcontext
-
-    from n3cli.presets import to_toml
-    from n3cli.progress import RichProgress
+    from n3cli.progress import training_session
     from n3cli.report import print_mopd
-    from presets import as_dict
     from stages.mopd import mopd
-    from stages.runtime import distributed
 
-    progress = RichProgress() if os.environ.get("RANK", "0") == "0" else None
-    try:
-        with progress or nullcontext():
-            result = mopd(cfg, run_dir, checkpoint, teachers, resume=resume, progress=progress,
-                          preset_toml=to_toml(as_dict(cfg)))
-    finally:
-        distributed.teardown()
+    with training_session(cfg) as (progress, preset_toml):
+        result = mopd(cfg, run_dir, checkpoint, teachers, resume=resume, progress=progress, preset_toml=preset_toml)
     if result is not None:
         print_mopd(result)
 

@@ -8,7 +8,6 @@ decoding accepts longer drafts (REFERENCE.md section 4).
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Annotated
 
@@ -24,12 +23,13 @@ from n3cli.options import (
     Resume,
     Sets,
     Weights,
+    default_checkpoint,
     load_preset,
     parse_weights,
     resumed_preset,
 )
 
-POST_TRAINED = ("mopd", "rlvr", "sft")
+POST_TRAINED = ("sft", "rlvr", "mopd")
 """The stages whose newest run `n3 mtp-boost` starts from by default."""
 
 
@@ -79,13 +79,7 @@ def run(
         mb.envs = with_preset_levels(env, mb.envs) if env else mb.envs
         if weight:
             mb.weights = weights_by_name(load_environments(mb.envs, mb.weights), parse_weights(weight))
-    if checkpoint is None and not resume:
-        from stages.runtime.checkpointing import newest_run
-
-        checkpoint = newest_run(Path("runs"), POST_TRAINED)
-        if checkpoint is None:
-            raise UserError("give --checkpoint DIR (no run under runs/ is an n3 sft, rlvr or mopd run; `n3 sft` "
-                            "makes one)")
+    checkpoint = default_checkpoint(checkpoint, resume, POST_TRAINED)
     if dry_run:
         _plan(cfg, checkpoint, init, sources)
         return
@@ -93,22 +87,13 @@ def run(
 
 
 def _train(cfg, run_dir: Path, checkpoint: Path | None, init: bool, sources, resume: bool) -> None:
-    from contextlib import nullcontext
-
-    from n3cli.presets import to_toml
-    from n3cli.progress import RichProgress
+    from n3cli.progress import training_session
     from n3cli.report import print_mtp_boost
-    from presets import as_dict
     from stages.mtp_boost import mtp_boost
-    from stages.runtime import distributed
 
-    progress = RichProgress() if os.environ.get("RANK", "0") == "0" else None
-    try:
-        with progress or nullcontext():
-            result = mtp_boost(cfg, run_dir, checkpoint, init, sources, resume=resume, progress=progress,
-                               preset_toml=to_toml(as_dict(cfg)))
-    finally:
-        distributed.teardown()
+    with training_session(cfg) as (progress, preset_toml):
+        result = mtp_boost(cfg, run_dir, checkpoint, init, sources, resume=resume, progress=progress,
+                           preset_toml=preset_toml)
     if result is not None:
         print_mtp_boost(result)
 

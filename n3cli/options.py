@@ -71,6 +71,24 @@ def resumed_preset(run_dir: Path, preset: str, overrides: list[str] | None) -> R
     return load_preset(str(saved[0].resolve()), overrides)
 
 
+def default_checkpoint(checkpoint: Path | None, resume: bool, made_by: tuple[str, ...], role: str = "",
+                       required: bool = True) -> Path | None:
+    """--checkpoint as given, or (a new run) the newest run under runs/ that one of the stages `made_by` wrote, the
+    first named as the one to run; a clear error when there is none and one is `required`. `role` says what the
+    checkpoint is ("the student")."""
+    if checkpoint is not None or resume:
+        return checkpoint
+    from model.errors import UserError
+    from stages.runtime.checkpointing import newest_run
+
+    found = newest_run(Path("runs"), made_by)
+    if found is None and required:
+        names = made_by[0] if len(made_by) == 1 else f"{', '.join(made_by[:-1])} or {made_by[-1]}"
+        raise UserError(f"give --checkpoint DIR{f', {role}' if role else ''} (no run under runs/ is an n3 {names} run; "
+                        f"`n3 {made_by[0]}` makes one)")
+    return found
+
+
 def parse_weights(items: list[str] | None) -> dict[str, float]:
     """`NAME=W` options as {name: weight}."""
     from model.errors import UserError

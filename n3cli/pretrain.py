@@ -7,7 +7,6 @@ Under torchrun every rank runs this command; rank 0 prepares the corpus, shows p
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 from n3cli.options import DEFAULT_PRESET, DryRun, Out, Preset, Resume, Sets, load_preset, resumed_preset
@@ -33,25 +32,14 @@ def run(
 
 
 def _train(cfg: RunConfig, run_dir: Path, resume: bool) -> None:
-    from contextlib import nullcontext
-
-    from n3cli.presets import to_toml
-    from n3cli.progress import RichProgress
+    from n3cli.progress import training_session
     from n3cli.report import print_pretrain
-    from presets import as_dict
     from stages.pretrain import pretrain
-    from stages.runtime import distributed
 
-    progress = RichProgress() if os.environ.get("RANK", "0") == "0" else None
-    corpus, prepare_corpus = pretraining_corpus(cfg, cfg.model.vocab_size, progress)
-    try:
-        with progress or nullcontext():
-            result = pretrain(
-                cfg, corpus, run_dir, resume=resume, progress=progress, prepare_corpus=prepare_corpus,
-                preset_toml=to_toml(as_dict(cfg)),
-            )
-    finally:
-        distributed.teardown()
+    with training_session(cfg) as (progress, preset_toml):
+        corpus, prepare_corpus = pretraining_corpus(cfg, cfg.model.vocab_size, progress)
+        result = pretrain(cfg, corpus, run_dir, resume=resume, progress=progress, prepare_corpus=prepare_corpus,
+                          preset_toml=preset_toml)
     if result is not None:
         print_pretrain(result)
 

@@ -3,6 +3,10 @@ figures beside it, notes and warnings printed above it."""
 
 from __future__ import annotations
 
+import contextlib
+import os
+from collections.abc import Iterator
+
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
@@ -49,6 +53,23 @@ class RichProgress:
 
     def note(self, message: str) -> None:
         self.bars.console.print(message)
+
+
+@contextlib.contextmanager
+def training_session(cfg) -> Iterator[tuple[RichProgress | None, str]]:
+    """What every training command runs its stage in: progress bars on rank 0 (None on the other ranks, which print
+    nothing) and the resolved preset as TOML (saved with the run, for --resume); the process group is torn down
+    after, however the stage ends."""
+    from n3cli.presets import to_toml
+    from presets import as_dict
+    from stages.runtime import distributed
+
+    progress = RichProgress() if os.environ.get("RANK", "0") == "0" else None
+    try:
+        with progress or contextlib.nullcontext():
+            yield progress, to_toml(as_dict(cfg))
+    finally:
+        distributed.teardown()
 
 
 def _figures(fields: dict) -> str:

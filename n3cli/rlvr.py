@@ -24,6 +24,7 @@ from n3cli.options import (
     Resume,
     Sets,
     Weights,
+    default_checkpoint,
     load_preset,
     parse_weights,
     resumed_preset,
@@ -60,7 +61,6 @@ def rlvr(
     SFT run on every built-in task) and the held-out accuracy before and after; `score` checks rewards."""
     if ctx.invoked_subcommand is not None:
         return
-    from model.errors import UserError
 
     sets = list(overrides or [])
     cfg = load_preset(preset, sets)
@@ -84,12 +84,7 @@ def rlvr(
             cfg.rlvr.weights = weights_by_name(envs, parse_weights(weight))
     suffix = "-" + "-".join(names) if env else ""
     run_dir = out or Path("runs") / f"{cfg.name}-rlvr{suffix}"
-    if checkpoint is None and not resume:
-        from stages.runtime.checkpointing import newest_run
-
-        checkpoint = newest_run(Path("runs"), "sft")
-        if checkpoint is None:
-            raise UserError("give --checkpoint DIR (no run under runs/ is an n3 sft run; `n3 sft` makes one)")
+    checkpoint = default_checkpoint(checkpoint, resume, ("sft",))
     if dry_run:
         _plan(cfg, checkpoint)
         return
@@ -97,23 +92,12 @@ def rlvr(
 
 
 def _train(cfg, run_dir: Path, checkpoint: Path | None, resume: bool) -> None:
-    import os
-    from contextlib import nullcontext
-
-    from n3cli.presets import to_toml
-    from n3cli.progress import RichProgress
+    from n3cli.progress import training_session
     from n3cli.report import print_rlvr
-    from presets import as_dict
     from stages.rlvr import rlvr as train
-    from stages.runtime import distributed
 
-    progress = RichProgress() if os.environ.get("RANK", "0") == "0" else None
-    try:
-        with progress or nullcontext():
-            result = train(cfg, run_dir, checkpoint, resume=resume, progress=progress,
-                           preset_toml=to_toml(as_dict(cfg)))
-    finally:
-        distributed.teardown()
+    with training_session(cfg) as (progress, preset_toml):
+        result = train(cfg, run_dir, checkpoint, resume=resume, progress=progress, preset_toml=preset_toml)
     if result is not None:
         print_rlvr(result)
 

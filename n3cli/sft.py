@@ -8,7 +8,6 @@ held-out accuracy before and after. Under torchrun every rank runs this command:
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Annotated
 
@@ -24,10 +23,12 @@ from n3cli.options import (
     Resume,
     Sets,
     Weights,
+    default_checkpoint,
     load_preset,
     parse_weights,
     resumed_preset,
 )
+
 
 def run(
     checkpoint: Checkpoint = None,
@@ -65,12 +66,7 @@ def run(
         sources = parse_chat_sources(data, parse_weights(weight))
     elif weight:
         raise UserError("--weight names --data sources; give --data NAME=PATH")
-    if checkpoint is None and not resume:
-        from stages.runtime.checkpointing import newest_run
-
-        checkpoint = newest_run(Path("runs"), "pretrain")
-        if checkpoint is None and not dry_run:
-            raise UserError("give --checkpoint DIR (no run under runs/ is an n3 pretrain run; `n3 pretrain` makes one)")
+    checkpoint = default_checkpoint(checkpoint, resume, ("pretrain",), required=not dry_run)
     if dry_run:
         _plan(cfg, checkpoint, sources, skip_bad)
         return
@@ -78,22 +74,13 @@ def run(
 
 
 def _train(cfg, run_dir: Path, checkpoint: Path | None, sources, resume: bool, skip_bad: bool) -> None:
-    from contextlib import nullcontext
-
-    from n3cli.presets import to_toml
-    from n3cli.progress import RichProgress
+    from n3cli.progress import training_session
     from n3cli.report import print_sft
-    from presets import as_dict
-    from stages.runtime import distributed
     from stages.sft import sft
 
-    progress = RichProgress() if os.environ.get("RANK", "0") == "0" else None
-    try:
-        with progress or nullcontext():
-            result = sft(cfg, run_dir, checkpoint, sources, resume=resume, skip_bad=skip_bad, progress=progress,
-                         preset_toml=to_toml(as_dict(cfg)))
-    finally:
-        distributed.teardown()
+    with training_session(cfg) as (progress, preset_toml):
+        result = sft(cfg, run_dir, checkpoint, sources, resume=resume, skip_bad=skip_bad, progress=progress,
+                     preset_toml=preset_toml)
     if result is not None:
         print_sft(result)
 
@@ -104,9 +91,9 @@ def _plan(cfg, checkpoint: Path | None, sources, skip_bad: bool) -> None:
 
     from model.checkpoint import config_from_hf, read_config, resolve_checkpoint
     from n3cli.report import console, print_chat_data, print_plan
+    from stages.chat.data import build_chat_data
     from stages.envs.suite import parse_suite
     from stages.plan import plan_run
-    from stages.chat.data import build_chat_data
     from stages.runtime.settings import chat_tokenizer
     from stages.sft import chat_options, total_steps
 
