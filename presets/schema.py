@@ -224,21 +224,19 @@ def _rlvr_train() -> TrainConfig:
 
 
 @dataclass
-class RLVRConfig:
-    """`n3 rlvr`: reinforcement learning with verifiable rewards, GRPO family (REFERENCE.md section 4)."""
+class RolloutConfig:
+    """What the stages that learn from the policy's own samples share (`n3 rlvr`, `n3 mopd`): the environments their
+    prompts come from, how the engine samples, the code sandbox, the held-out evaluation."""
 
-    train: TrainConfig = field(default_factory=_rlvr_train)
-    """The optimisation table: lr and schedule, clipping, steps (one per rollout batch), seq_len (the rows rollouts
-    are packed into), micro_batch_size (rows per forward), checkpoints, seed."""
     envs: list[str] = field(default_factory=lambda: ["math", "code", "instructions"])
     """Environments trained together: a built-in domain with optional levels ("math:1-2"), DOMAIN=FILE.jsonl (user
     rows scored by that domain's checker), or package.module:Class."""
     weights: list[float] = field(default_factory=list)
     """Share of each environment's prompts, in the order of envs; empty: equal."""
     prompts_per_step: int = 32
-    """Prompts per rollout batch (Ultra: 512)."""
+    """Prompts per rollout batch."""
     group_size: int = 8
-    """Samples per prompt: the group its advantages are taken in (Ultra: 16)."""
+    """Samples per prompt."""
     max_tokens: int = 1024
     """Tokens a reply may take, reasoning included."""
     reasoning: bool = True
@@ -248,6 +246,27 @@ class RLVRConfig:
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = field(default=0, metadata={"min": 0})
+    engine_batch: int = 128
+    """Requests the in-process engines decode together."""
+    isolation: str = "auto"
+    """Code sandbox: auto (namespaces where the machine has them) | namespaces | process (rlimits only)."""
+    allow_weak_isolation: bool = False
+    """Let code run with process isolation only where namespaces are unavailable (otherwise code refuses)."""
+    sandbox_workers: int = 4
+    """Programs run at once when scoring code."""
+    eval_problems: int = 100
+    """Held-out problems per built-in domain for the accuracy before and after (greedy, reasoning on and off)."""
+    eval_max_tokens: int = 256
+
+
+@dataclass
+class RLVRConfig(RolloutConfig):
+    """`n3 rlvr`: reinforcement learning with verifiable rewards, GRPO family (REFERENCE.md section 4). Prompts per
+    step: Ultra 512; samples per prompt, the group its advantages are taken in: Ultra 16."""
+
+    train: TrainConfig = field(default_factory=_rlvr_train)
+    """The optimisation table: lr and schedule, clipping, steps (one per rollout batch), seq_len (the rows rollouts
+    are packed into), micro_batch_size (rows per forward), checkpoints, seed."""
     advantage: str = "grpo"
     """grpo: (r - mean) / (std + eps) per group | dr_grpo: r - mean | loo: leave-one-out."""
     normalisation: str = "token"
@@ -265,20 +284,9 @@ class RLVRConfig:
     """DAPO's soft overlong punishment over the last this-many tokens before max_tokens; 0: off."""
     updates_per_batch: int = 1
     """Optimizer steps on each rollout batch: 1 is on-policy; more reuse it against the policy that sampled it."""
-    engine_batch: int = 128
-    """Requests the in-process rollout engine decodes together."""
     server: str = ""
     """An OpenAI-compatible n3 serve URL to generate on instead of in-process; it reloads the learner's weights
     after every step (/update_weights_from_disk)."""
-    isolation: str = "auto"
-    """Code sandbox: auto (namespaces where the machine has them) | namespaces | process (rlimits only)."""
-    allow_weak_isolation: bool = False
-    """Let code run with process isolation only where namespaces are unavailable (otherwise code refuses)."""
-    sandbox_workers: int = 4
-    """Programs run at once when scoring code."""
-    eval_problems: int = 100
-    """Held-out problems per built-in domain for the accuracy before and after (greedy, reasoning on and off)."""
-    eval_max_tokens: int = 256
     eval_interval: int = field(default=0, metadata={"min": 0})
     """Steps between held-out evaluations during the run (mean accuracy, reasoning on); 0: before and after only."""
 
@@ -300,31 +308,21 @@ def _mopd_warmup() -> TrainConfig:
 
 
 @dataclass
-class MOPDConfig:
+class MOPDConfig(RolloutConfig):
     """`n3 mopd`: multi-teacher on-policy distillation (REFERENCE.md section 4): each domain's teacher scores the
-    student's own samples token by token; decoupled PPO with a bounded-staleness asynchronous pipeline."""
+    student's own samples token by token; decoupled PPO with a bounded-staleness asynchronous pipeline. Each
+    domain needs a teacher; `weights` are the domains' lambdas. Prompts per step: Ultra 1024; one sample per prompt
+    (the teacher's token-level signal needs no group baseline)."""
 
+    prompts_per_step: int = 64
+    group_size: int = 1
     train: TrainConfig = field(default_factory=_mopd_train)
     """The distillation's optimisation table (steps per cycle, one per rollout batch; lr; seq_len of packed rows)."""
     warmup: TrainConfig = field(default_factory=_mopd_warmup)
     """The warmup SFT's table (steps: --warmup-steps, per cycle; 0 skips the warmup)."""
-    envs: list[str] = field(default_factory=lambda: ["math", "code", "instructions"])
-    """The domains' prompts, as rlvr.envs; each needs a teacher."""
-    weights: list[float] = field(default_factory=list)
-    """Each domain's weight lambda: its share of the prompts, in the order of envs; empty: equal."""
     teachers: list[str] = field(default_factory=list)
     """DOMAIN=SOURCE, SOURCE a checkpoint (scored in this process) or an OpenAI-compatible server's URL (prompt
     log-probs through /v1/completions with echo); empty: the newest `n3 rlvr --env DOMAIN` run of each domain."""
-    prompts_per_step: int = 64
-    """Prompts per rollout batch (Ultra: 1024)."""
-    group_size: int = 1
-    """Samples per prompt (Ultra: 1: the teacher's token-level signal needs no group baseline)."""
-    max_tokens: int = 1024
-    reasoning: bool = True
-    max_thinking_tokens: int = field(default=0, metadata={"min": 0})
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = field(default=0, metadata={"min": 0})
     clip: float = 0.2
     """The surrogate's clip: r_t in [1 - clip, 1 + clip]."""
     behaviour_cap: float = 5.0
@@ -345,14 +343,6 @@ class MOPDConfig:
     """Warmup and distillation repeated with the same teachers."""
     warmup_prompts: int = 256
     """Prompts per domain the teachers answer for the warmup SFT (their replies the environment passes)."""
-    engine_batch: int = 128
-    """Requests the in-process engines decode together."""
-    sandbox_workers: int = 4
-    isolation: str = "auto"
-    allow_weak_isolation: bool = False
-    eval_problems: int = 100
-    """Held-out problems per domain for the accuracy of the student before and after, and of each teacher."""
-    eval_max_tokens: int = 256
 
 
 def _mtp_boost_train() -> TrainConfig:
