@@ -58,6 +58,7 @@ from pathlib import Path
 import torch
 
 import presets
+from alternate import WARMUP, alternate
 from peer_checkpoint import without_mtp
 from model.checkpoint import from_pretrained
 from model.tokenizer import Tokenizer
@@ -112,7 +113,7 @@ def _compare(args, folder: Path) -> None:
         teacher = student
     else:
         without_mtp(teacher_source, teacher)
-    total = args.steps + 2
+    total = args.steps + WARMUP
     cfg = presets.load("cpu", [
         f"mopd.envs={args.envs}", f"mopd.prompts_per_step={args.prompts}", "mopd.group_size=1",
         f"mopd.max_tokens={args.max_tokens}", "mopd.reasoning=true", "mopd.temperature=1.0", "mopd.top_p=1.0",
@@ -129,17 +130,7 @@ def _compare(args, folder: Path) -> None:
     n3 = _N3Step(cfg, student, teacher, plan, envs, tokenizer, folder / "n3")
     trl_step = _TRLStep(cfg, student, teacher, plan, tokenizer, folder)
     steps = {"n3": n3, "trl": trl_step}
-    times: dict[str, list[float]] = {name: [] for name in steps}
-    outs: dict[str, list[dict]] = {name: [] for name in steps}
-    for i in range(total):
-        for name, step in steps.items():
-            start = time.perf_counter()
-            out = step(i)
-            if i >= 2:
-                times[name].append(time.perf_counter() - start)
-                outs[name].append(out)
-        if i == 0:
-            _check_same_inputs(n3.rollouts, trl_step, tokenizer)
+    times, outs = alternate(steps, total, after_first=lambda: _check_same_inputs(n3.rollouts, trl_step, tokenizer))
     print(f"{'':4} {'s/step':>7} {'generate':>9} {'teacher':>8} {'score':>6} {'train':>6} {'tokens/step':>12} "
           f"{'student positions':>18} {'teacher positions':>18} {'reverse KL':>11}")
     for name in steps:

@@ -46,6 +46,7 @@ from pathlib import Path
 import torch
 
 import presets
+from alternate import WARMUP, alternate
 from peer_checkpoint import without_mtp
 from model.checkpoint import from_pretrained
 from model.tokenizer import Tokenizer
@@ -92,7 +93,7 @@ def _compare(args, folder: Path) -> None:
     source = args.checkpoint or newest_run(Path("runs"), "sft")
     checkpoint = folder / "model"
     without_mtp(source, checkpoint)
-    total = args.steps + 2
+    total = args.steps + WARMUP
     cfg = presets.load("cpu", [
         f"rlvr.envs={args.envs}", f"rlvr.prompts_per_step={args.prompts}", f"rlvr.group_size={args.group}",
         f"rlvr.max_tokens={args.max_tokens}", "rlvr.reasoning=true", "rlvr.temperature=1.0", "rlvr.top_p=1.0",
@@ -109,30 +110,16 @@ def _compare(args, folder: Path) -> None:
     tokenizer = Tokenizer.load(checkpoint)
     n3 = _N3Step(cfg, checkpoint, plan, envs, tokenizer, folder / "n3")
     trl_step = _TRLStep(cfg, checkpoint, plan, envs, tokenizer, folder)
-    steps = {"n3": n3, "trl": trl_step}
-    times: dict[str, list[float]] = {name: [] for name in steps}
-    tokens: dict[str, list[int]] = {name: [] for name in steps}
-    parts: dict[str, list[dict]] = {name: [] for name in steps}
-    rewards: dict[str, list[float]] = {name: [] for name in steps}
-    forward: dict[str, list[int]] = {name: [] for name in steps}
-    for i in range(total):
-        for name, step in steps.items():
-            start = time.perf_counter()
-            out = step(i)
-            if i >= 2:
-                times[name].append(time.perf_counter() - start)
-                tokens[name].append(out["tokens"])
-                parts[name].append(out["seconds"])
-                rewards[name].append(out["reward"])
-                forward[name].append(out["forward"])
-        if i == 0:
-            _check_same_inputs(n3.rollouts, trl_step, tokenizer)
-    for name in steps:
-        split = ", ".join(f"{key} {statistics.median(p[key] for p in parts[name]):.2f} s" for key in parts[name][0])
+    times, outs = alternate({"n3": n3, "trl": trl_step}, total,
+                            after_first=lambda: _check_same_inputs(n3.rollouts, trl_step, tokenizer))
+    for name, figures in outs.items():
+        split = ", ".join(f"{key} {statistics.median(o['seconds'][key] for o in figures):.2f} s"
+                          for key in figures[0]["seconds"])
+        tokens = [o["tokens"] for o in figures]
         print(f"{name}: {statistics.median(times[name]):.2f} s per step ({split}); "
-              f"{statistics.mean(tokens[name]):,.0f} tokens generated per step ({', '.join(map(str, tokens[name]))}), "
-              f"mean reward {statistics.mean(rewards[name]):.3f}, {statistics.mean(forward[name]):,.0f} positions "
-              f"through the training forward")
+              f"{statistics.mean(tokens):,.0f} tokens generated per step ({', '.join(map(str, tokens))}), "
+              f"mean reward {statistics.mean(o['reward'] for o in figures):.3f}, "
+              f"{statistics.mean(o['forward'] for o in figures):,.0f} positions through the training forward")
     print(f"ratio (TRL's seconds per step over n3's): {statistics.median(times['trl']) / statistics.median(times['n3']):.2f}x; "
           f"load average {os.getloadavg()[0]:.2f}")
 
