@@ -50,6 +50,7 @@ def worker(rank: int, port: int, output_fp32: bool, results) -> None:
         # As pretrain ends: no rank tears the group down while a peer may still be reading its last message (without
         # the fp32 all-reduce nothing else synchronises the ranks, and gloo then aborts the slower one now and then).
         world.barrier()
+        del wrapped  # DDP's reducer before the group (as test_policy's worker: otherwise a hang at exit now and then)
     finally:
         distributed.teardown()
 

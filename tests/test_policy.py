@@ -165,6 +165,9 @@ def ddp_worker(rank: int, port: int, results) -> None:
         if rank == 0:
             results.put({name: g.numpy() for name, g in grads.items()})
         world.barrier()
+        # DDP's reducer must go before the group: freed after the teardown, at the function's end, its group's
+        # destructor joins a gloo thread that waits for the interpreter lock the destructor holds (a hang at exit).
+        del wrapped
     finally:
         distributed.teardown()
 
