@@ -83,6 +83,7 @@ def plan_run(cfg: RunConfig) -> Plan:
     param_bytes = BITS[cfg.precision.params] / 8
     state_bytes = per_device * (2 * param_bytes + 8)  # weights + gradients in the params dtype, Adam moments in fp32
     tokens = train.micro_batch_size * train.seq_len // par.context
+    accumulation = train.global_batch_size // (train.micro_batch_size * par.data)  # micro-batches a step, per rank
     compute_bytes = 4 if cfg.precision.compute == "fp32" else 2  # fp8 / nvfp4 keep bf16 activations
     full, checkpointed = (compute_bytes * tokens * activations_per_token(cfg.model, train.mtp_depths, recompute)
                           for recompute in (False, True))
@@ -95,18 +96,18 @@ def plan_run(cfg: RunConfig) -> Plan:
             "world": par.world_size, "data": par.data, "tensor": par.tensor,
             "pipeline": par.pipeline, "expert": par.expert, "context": par.context,
         },
-        grad_accumulation=train.global_batch_size // (train.micro_batch_size * par.data),
+        grad_accumulation=accumulation,
         params_per_device=int(per_device),
         state_bytes_per_device=int(state_bytes),
         tokens_per_device=tokens,
         activation_bytes=int(checkpointed if train.activation_checkpointing else full),
         activation_bytes_full=int(full),
         activation_bytes_checkpointed=int(checkpointed),
-        runs=_what_runs(cfg),
+        runs=_what_runs(cfg, accumulation),
     )
 
 
-def _what_runs(cfg: RunConfig) -> list[str]:
+def _what_runs(cfg: RunConfig, accumulation: int) -> list[str]:
     par = cfg.parallel
     lines = []
     if par.expert > 1 and par.strategy == "fsdp":
@@ -117,10 +118,9 @@ def _what_runs(cfg: RunConfig) -> list[str]:
         sizes = [len(span) for span in stage_spans(cfg.model.num_layers, par.pipeline)]
         cut = (f"{par.pipeline} stages of {sizes[0]} sublayers" if len(set(sizes)) == 1
                else f"{par.pipeline} stages of {', '.join(map(str, sizes))} sublayers")
-        micro = cfg.train.global_batch_size // (cfg.train.micro_batch_size * par.data)
-        bubble = (par.pipeline - 1) / (micro + par.pipeline - 1)
+        bubble = (par.pipeline - 1) / (accumulation + par.pipeline - 1)
         lines.append(f"pipeline: n3 pretrain runs {cut} (the first also the embeddings, the last the final norm, "
-                     f"lm_head and MTP head), 1F1B over {micro} micro-batches a step: {bubble:.1%} of it idle; "
+                     f"lm_head and MTP head), 1F1B over {accumulation} micro-batches a step: {bubble:.1%} of it idle; "
                      "the other stages refuse it")
     refused = [f"parallel.tensor = {par.tensor}"] if par.tensor > 1 else []
     if par.pipeline > 1 and par.context > 1:

@@ -1,9 +1,16 @@
 """Shared fixtures and hooks: `gpu` tests skip without CUDA; a small byte-level BPE tokenizer with n3's reserved
-tokens, trained once per session; a small prepared corpus (two sources, one marked quality), once per session."""
+tokens, trained once per session; a small prepared corpus (two sources, one marked quality), once per session; one step
+of training on each rank of a spawned gloo world (step_on_ranks)."""
 
+import os
 import socket
 
 import pytest
+import torch
+import torch.multiprocessing as mp
+
+import presets
+from stages.runtime import distributed
 
 TEXT = (
     "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
@@ -46,20 +53,36 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def rank_zero_result(worker, processes: int, *args):
-    """Run worker(rank, *args, port, results) in `processes` spawned processes (a gloo world on a free port) and
-    return what rank 0 puts on `results`."""
-    import torch.multiprocessing as mp
-
+def step_on_ranks(processes: int, settings: list[str], flags: dict, step, *step_args):
+    """What rank 0 of a gloo world of `processes` spawned processes returns from step(cfg, world, *step_args), with
+    `cfg` the cpu preset with `settings`, after distributed.check_layout(cfg, world, **flags)."""
     results = mp.get_context("spawn").SimpleQueue()
-    workers = mp.start_processes(worker, args=(*args, free_port(), results), nprocs=processes, start_method="spawn",
-                                 join=False)
+    workers = mp.start_processes(_training_rank, args=(processes, settings, flags, step, step_args, free_port(), results),
+                                 nprocs=processes, start_method="spawn", join=False)
     while results.empty():  # read before joining (a result can fill more than the pipe holds)
         workers.join(timeout=1)
     found = results.get()
     while not workers.join():
         pass
     return found
+
+
+def _training_rank(rank: int, processes: int, settings: list[str], flags: dict, step, step_args: tuple, port: int,
+                   results) -> None:
+    """One rank of step_on_ranks."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(processes),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    cfg = presets.load("cpu", settings)
+    world = distributed.setup(cfg)
+    try:
+        distributed.check_layout(cfg, world, **flags)
+        found = step(cfg, world, *step_args)
+        if rank == 0:  # as numpy: a tensor would be shared through this process, which exits first
+            results.put(found)
+        world.barrier()
+    finally:
+        distributed.teardown()
 
 
 def write_documents(folder, count: int, seed: int, kind: str) -> None:

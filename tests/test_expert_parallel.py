@@ -4,7 +4,6 @@ validation loss), with the experts over 2 ranks (EP 2) and over 2 ranks x 2 expe
 (EP 2 x FSDP 2); `n3 pretrain` under torchrun writes the checkpoint one process writes and resumes under another
 layout; layouts that cannot split are clear errors."""
 
-import os
 import shutil
 from pathlib import Path
 
@@ -25,7 +24,7 @@ from stages.runtime.losses import CausalLMObjective
 from stages.runtime.optim import build_optimizer
 from stages.runtime.progress import Quiet
 from stages.runtime.metrics import read_metrics
-from tests.conftest import rank_zero_result
+from tests.conftest import step_on_ranks
 from tests.test_context_parallel import FixedBatches
 from tests.test_pretrain import n3_process, settings, torchrun
 
@@ -68,22 +67,6 @@ def training_step(cfg, world: World) -> dict:
             "val": validation(objective, rows(), "fp32", world)()}
 
 
-def worker(rank: int, processes: int, port: int, results) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(processes),
-                      LOCAL_RANK=str(rank))
-    torch.set_num_threads(1)
-    cfg = presets.load("cpu", expert_settings(processes))
-    world = distributed.setup(cfg)
-    try:
-        distributed.check_layout(cfg, world, expert_parallel=True)
-        found = training_step(cfg, world)
-        if rank == 0:  # as numpy: a tensor would be shared through this process, which exits first
-            results.put(found)
-        world.barrier()
-    finally:
-        distributed.teardown()
-
-
 @pytest.fixture(scope="module")
 def one_process() -> dict:
     threads = torch.get_num_threads()
@@ -96,7 +79,9 @@ def one_process() -> dict:
 
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_a_training_step_matches_one_process(one_process, layout):
-    one, many = one_process, rank_zero_result(worker, LAYOUTS[layout], LAYOUTS[layout])
+    processes = LAYOUTS[layout]
+    many = step_on_ranks(processes, expert_settings(processes), {"expert_parallel": True}, training_step)
+    one = one_process
     for key in ("heads", "aux", "val", "norm"):
         assert torch.allclose(torch.tensor(many[key]), torch.tensor(one[key]), rtol=0, atol=1e-4), key
     assert (many["load"] == one["load"]).all()  # the same routing, counted over every rank's tokens

@@ -5,7 +5,6 @@ weights after a clipped optimizer step, the validation loss), as 2 stages (PP 2,
 layout); `n3 pretrain` under torchrun writes the checkpoint one process writes and resumes in one process; gb200's
 layout trains scaled down; layouts that cannot run are clear errors."""
 
-import os
 import shutil
 from pathlib import Path
 
@@ -25,7 +24,7 @@ from stages.runtime.metrics import read_metrics
 from stages.runtime.optim import build_optimizer
 from stages.runtime.pipeline import PipelineLayout, PipelineRunner, stage_spans
 from stages.runtime.progress import Quiet
-from tests.conftest import rank_zero_result
+from tests.conftest import step_on_ranks
 from tests.test_context_parallel import FixedBatches
 from tests.test_expert_parallel import SETTINGS, assert_same_weights, hf_weights, rows
 from tests.test_pretrain import n3_process, settings, torchrun
@@ -74,23 +73,6 @@ def training_step(cfg, world: World, packed: bool) -> dict:
             "bubble": None if runner is None else runner.take_bubble_share()}
 
 
-def worker(rank: int, layout: str, port: int, results) -> None:
-    processes, packed, extra = LAYOUTS[layout]
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(processes),
-                      LOCAL_RANK=str(rank))
-    torch.set_num_threads(1)
-    cfg = presets.load("cpu", pipeline_settings(processes, *extra))
-    world = distributed.setup(cfg)
-    try:
-        distributed.check_layout(cfg, world, expert_parallel=True, pipeline_parallel=True)
-        found = training_step(cfg, world, packed)
-        if rank == 0:  # as numpy: a tensor would be shared through this process, which exits first
-            results.put(found)
-        world.barrier()
-    finally:
-        distributed.teardown()
-
-
 @pytest.fixture(scope="module")
 def one_process() -> dict:
     threads = torch.get_num_threads()
@@ -104,7 +86,10 @@ def one_process() -> dict:
 
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_a_training_step_matches_one_process(one_process, layout):
-    one, many = one_process[LAYOUTS[layout][1]], rank_zero_result(worker, LAYOUTS[layout][0], layout)
+    processes, packed, extra = LAYOUTS[layout]
+    many = step_on_ranks(processes, pipeline_settings(processes, *extra),
+                         {"expert_parallel": True, "pipeline_parallel": True}, training_step, packed)
+    one = one_process[packed]
     for key in ("heads", "aux", "val", "norm"):
         assert torch.allclose(torch.tensor(many[key]), torch.tensor(one[key]), rtol=0, atol=1e-4), key
     assert (many["load"] == one["load"]).all()  # every MoE layer's load, each counted on its own stage

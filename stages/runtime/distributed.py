@@ -114,14 +114,12 @@ def check_layout(
         from stages.runtime.pipeline import check_pipeline
 
         check_pipeline(cfg, world, train)
-    allowed = {"context": context_parallel, "pipeline": pipeline_parallel}
+    beyond_data = {"context": context_parallel, "pipeline": pipeline_parallel}  # what the stage also trains
+    also = "".join(f" and {name}-parallel" for name, trains in beyond_data.items() if trains)
     for key in ("tensor", "pipeline", "context"):
-        if getattr(parallel, key) > 1 and not allowed.get(key):
-            what = [name for name, on in (("context", context_parallel), ("pipeline", pipeline_parallel)) if on]
-            raise UserError(
-                f"parallel.{key} = {getattr(parallel, key)}: this stage trains data-parallel (DDP or FSDP2)"
-                f"{''.join(f' and {name}-parallel' for name in what)} only; set parallel.{key}=1"
-            )
+        if getattr(parallel, key) > 1 and not beyond_data.get(key):
+            raise UserError(f"parallel.{key} = {getattr(parallel, key)}: this stage trains data-parallel (DDP or "
+                            f"FSDP2){also} only; set parallel.{key}=1")
     if cfg.precision.compute == "bf16" and world.device.type != "cuda":
         raise UserError("precision.compute = bf16 needs a GPU here; on CPU use precision.compute=fp32")
     context = parallel.context if world.distributed else 1  # one process trains whole sequences

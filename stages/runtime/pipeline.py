@@ -36,6 +36,7 @@ from kernels.cross_entropy import IGNORE
 from model.errors import UserError
 from model.hybrid import rms, run_sublayer
 from presets.schema import RunConfig, TrainConfig
+from stages.runtime import distributed
 from stages.runtime.distributed import World
 from stages.runtime.expert_parallel import MESH as EXPERT_MESH
 from stages.runtime.losses import CausalLMObjective, aux_terms, expert_load, head_losses, mtp_labels
@@ -176,10 +177,14 @@ class StageObjective(CausalLMObjective):
 
         documents = [meta(b, t)] if example.seq_idx is not None else []
         hidden = [meta(b, t, d, dtype=self.carry_dtype, grad=training)]
-        embedded = hidden * (training and self.mtp_depths > 0)
+        embedded = hidden if self._carries_embeddings(training) else []
         carried = (*hidden, meta(b, heads, t), *embedded, *documents)
         inputs = (meta(b, t), meta(b, heads, t), *documents) if self.first else carried
         return inputs, (meta(dtype=torch.float32, grad=training),) if self.last else carried
+
+    def _carries_embeddings(self, training: bool) -> bool:
+        """The embeddings' output travels to the last stage when the MTP head trains on it."""
+        return training and self.mtp_depths > 0
 
     @property
     def carry_dtype(self) -> torch.dtype:
@@ -194,7 +199,7 @@ class StageObjective(CausalLMObjective):
     def forward(self, *carried: torch.Tensor):
         carried = list(carried)
         model, backbone = self.model, self.model.model
-        carries_embeddings = self.training and self.mtp_depths > 0
+        carries_embeddings = self._carries_embeddings(self.training)
         if self.first:
             input_ids, targets = carried.pop(0), carried.pop(0)
             h = embedded = backbone.embeddings(input_ids)
@@ -245,7 +250,7 @@ class PipelineRunner:
 
     def __init__(self, objective: nn.Module, layout: PipelineLayout, world: World):
         self.objective, self.layout, self.world = objective, layout, world
-        self.stage_objective: StageObjective = getattr(objective, "module", objective)
+        self.stage_objective: StageObjective = distributed.unwrap(objective)
         self._schedule, self._evaluators = None, {}
         self.busy, self.seconds = 0.0, 0.0
 
@@ -309,15 +314,21 @@ class PipelineRunner:
         return timed
 
     def _run(self, schedule, micro_batches: list, evaluating: bool = False) -> list[torch.Tensor]:
-        """One schedule step over `micro_batches`; the last stage's per-micro-batch outputs."""
-        device, layout = self.world.device, self.layout
-        ids = torch.cat([mb.input_ids for mb in micro_batches]).to(device)
+        """One schedule step over `micro_batches`; the last stage's per-micro-batch outputs. The batch enters at the
+        first stage and the labels are the last's target; the stages between take only what the one before sends."""
+        layout, run = self.layout, schedule.eval if evaluating else schedule.step
+        if not (layout.first or layout.last):
+            run(return_outputs=False)
+            return []
+        device = self.world.device
         labels = torch.cat([mb.labels for mb in micro_batches]).to(device)
         seq_idx = None if micro_batches[0].seq_idx is None else torch.cat([mb.seq_idx for mb in micro_batches]).to(device)
         targets = self.stage_objective.targets(labels, seq_idx)
-        inputs = [ids, targets] + ([seq_idx] if seq_idx is not None else []) if layout.first else []
+        inputs = []
+        if layout.first:
+            ids = torch.cat([mb.input_ids for mb in micro_batches]).to(device)
+            inputs = [ids, targets] + ([seq_idx] if seq_idx is not None else [])
         losses: list[torch.Tensor] = []
-        run = schedule.eval if evaluating else schedule.step
         run(*inputs, target=targets if layout.last else None, losses=losses if layout.last else None,
             return_outputs=False)
         return losses
