@@ -1,7 +1,7 @@
 """Pipeline parallelism (parallel.pipeline): gloo processes that each hold a stage of the sublayers and run the
 step's micro-batches on the 1F1B schedule train as one process does (losses, expert load, every gradient, the
-weights after a clipped optimizer step, the validation loss), as 2 stages (PP 2, packed documents too), as
-2 stages x 2 FSDP2 ranks each (PP 2 x FSDP 2), and so with the experts split over those 2 (PP 2 x EP 2, gb200's
+weights after a clipped optimizer step, the validation loss), as 2 stages (PP 2, packed documents too), as 3 (PP 3),
+as 2 stages x 2 FSDP2 ranks each (PP 2 x FSDP 2), and so with the experts split over those 2 (PP 2 x EP 2, gb200's
 layout); `n3 pretrain` under torchrun writes the checkpoint one process writes and resumes in one process; gb200's
 layout trains scaled down; layouts that cannot run are clear errors."""
 
@@ -29,7 +29,8 @@ from tests.test_context_parallel import FixedBatches
 from tests.test_expert_parallel import SETTINGS, assert_same_weights, hf_weights, rows
 from tests.test_pretrain import n3_process, settings, torchrun
 
-LAYOUTS = {"pp2-packed": (2, True, []), "pp2-fsdp2": (4, False, []), "pp2-ep2": (4, False, ["parallel.expert=2"])}
+LAYOUTS = {"pp2-packed": (2, True, []), "pp2-fsdp2": (4, False, []), "pp2-ep2": (4, False, ["parallel.expert=2"]),
+           "pp3": (3, False, ["parallel.pipeline=3"])}  # a stage between the first and the last
 """name: processes, packed documents, settings"""
 
 
