@@ -37,7 +37,9 @@ from model.cache import HybridCache
 from model.checkpoint import from_pretrained
 from model.engine.params import EngineConfig, SamplingParams
 from model.engine.reasoning import Thinking
-from model.engine.sampling import greedy_accept, logprobs_of, request_logits, sample, speculative_accept
+from model.engine.sampling import (
+    StepLogprobs, greedy_accept, logprobs_of, request_logits, sample, speculative_accept, step_logprobs,
+)
 from model.engine.sequence import Completion, Delta, Sequence
 from model.errors import UserError
 from model.hybrid import NemotronH
@@ -338,10 +340,8 @@ class Engine:
                 seq.finish("length")
         done = [row for row, s in enumerate(seqs) if not s.prompt_left and s.finish_reason is None]
         if done:
-            logits = self.model.logits(h[done, -1:])
-            _, tokens = self._accept([seqs[row] for row in done], logits)
-            for i, row in enumerate(done):
-                seqs[row].append(tokens[i : i + 1], logits[i])
+            self._emit([seqs[row] for row in done], self.model.logits(h[done, -1:]))
+            for row in done:
                 following[row] = following[row] + seqs[row].tokens[-1:]
         if self.k:
             alive = [row for row, s in enumerate(seqs) if s.finish_reason is None]
@@ -359,9 +359,7 @@ class Engine:
         cache = self._select(self.cache, seqs, keep_positions=k > 0)
         h = self._backbone(self._dynamic(fed, cache), cache)
         self.cache.advance(1 + k)
-        logits = self.model.logits(h)
-        accepted, final = self._accept(seqs, logits)
-        kept = [s.append(s.drafts[:a] + [f], logits[i]) for i, (s, a, f) in enumerate(zip(seqs, accepted, final))]
+        accepted, kept = self._emit(seqs, self.model.logits(h))
         self.stats.decode_steps += 1
         self.stats.decode_rows += len(seqs)
         for depth in range(k):
@@ -442,32 +440,69 @@ class Engine:
         sampled = [i for i, s in enumerate(seqs) if not s.params.greedy]
         if not sampled:
             return tokens, None
-        probs = self._filtered(seqs, logits)
+        probs = request_logits(logits, [s.params for s in seqs]).softmax(-1)
         uniforms = self._uniforms([seqs[i] for i in sampled], 1)[:, 0]
         tokens[sampled] = sample(probs[sampled], uniforms)
         return tokens, probs
 
-    def _accept(self, seqs: list[Sequence], logits: torch.Tensor) -> tuple[list[int], list[int]]:
-        """Verify each row's drafts against logits (b, 1 + k, V) of the positions fed. Returns per row the number of
-        drafts accepted and the token that follows them (the target's correction, or a bonus when all pass)."""
+    def _emit(self, seqs: list[Sequence], logits: torch.Tensor) -> tuple[list[int], list[int]]:
+        """Verify and sample each row's tokens from logits (b, 1 + k, V) of the positions fed (the drafts, then the
+        token after them) and append them to the sequences with their log-probabilities. Returns per row the drafts
+        accepted and the tokens kept."""
+        accepted, final, sampling = self._accept(seqs, logits)
+        proposals = [s.drafts[:a] + [f] for s, a, f in zip(seqs, accepted, final)]
+        reported = self._logprobs(seqs, logits, sampling, proposals)
+        kept = [s.append(tokens, lp) for s, tokens, lp in zip(seqs, proposals, reported)]
+        return accepted, kept
+
+    def _accept(
+        self, seqs: list[Sequence], logits: torch.Tensor
+    ) -> tuple[list[int], list[int], torch.Tensor | None]:
+        """Verify each row's drafts against logits (b, 1 + k, V). Returns per row the number of drafts accepted and
+        the token that follows them (the target's correction, or a bonus when all pass), and the log-probabilities
+        of the sampled rows' distributions (s, 1 + k, V) (None when every row is greedy)."""
         k = logits.shape[1] - 1
         sampled = [i for i, s in enumerate(seqs) if not s.params.greedy]
         if not k and not sampled:  # plain greedy decoding: the argmax, without the verification machinery
-            return [0] * len(seqs), logits[:, 0].argmax(-1).tolist()
+            return [0] * len(seqs), logits[:, 0].argmax(-1).tolist(), None
         drafts = torch.tensor([s.drafts[:k] for s in seqs], dtype=torch.long, device=self.device).view(len(seqs), k)
         accepted, final = greedy_accept(drafts, logits)
+        sampling = None
         if sampled:
             rows = [seqs[i] for i in sampled]
-            target = self._filtered(rows, logits[sampled])
+            sampling = request_logits(logits[sampled], [s.params for s in rows]).log_softmax(-1)
+            target = sampling.exp()
             draft_probs = (
                 torch.stack([s.draft_probs[:k] for s in rows]) if k else target.new_zeros(len(rows), 0, target.shape[-1])
             )
             a, f = speculative_accept(drafts[sampled], draft_probs, target, self._uniforms(rows, k + 1))
             accepted[sampled], final[sampled] = a, f
-        return accepted.tolist(), final.tolist()
+        return accepted.tolist(), final.tolist(), sampling
 
-    def _filtered(self, seqs: list[Sequence], logits: torch.Tensor) -> torch.Tensor:
-        return request_logits(logits, [s.params for s in seqs]).softmax(-1)
+    def _logprobs(
+        self, seqs: list[Sequence], logits: torch.Tensor, sampling: torch.Tensor | None, proposals: list[list[int]]
+    ) -> list[StepLogprobs | None]:
+        """Per row that reports log-probabilities, those of its proposed tokens under the distribution it reports
+        (SamplingParams.logprobs_mode: the raw model's, or the sampling distribution of a row that samples, which
+        _accept computed); None for the other rows."""
+        rows = [i for i, s in enumerate(seqs) if s.logprobs is not None]
+        reported: list[StepLogprobs | None] = [None] * len(seqs)
+        if not rows:
+            return reported
+        sampled = {row: j for j, row in enumerate(i for i, s in enumerate(seqs) if not s.params.greedy)}
+        processed = [i for i in rows if seqs[i].params.logprobs_mode == "processed" and i in sampled]
+        if processed == rows and len(rows) == len(sampled):  # every row samples and reports what it samples
+            logp = sampling
+        else:
+            logp = torch.log_softmax(logits[rows].float(), -1)
+            if processed:
+                at = [rows.index(i) for i in processed]
+                logp[at] = sampling[[sampled[i] for i in processed]]
+        t = logits.shape[1]
+        tokens = torch.tensor([proposals[i] + [0] * (t - len(proposals[i])) for i in rows])
+        for i, entry in zip(rows, step_logprobs(logp, tokens, [seqs[i].params.logprobs for i in rows])):
+            reported[i] = entry
+        return reported
 
     def _uniforms(self, seqs: list[Sequence], n: int) -> torch.Tensor:
         """(b, n) uniforms, each row from its request's own generator (so a seed fixes a request's samples)."""

@@ -64,6 +64,8 @@ def speculative_accept(
     """Rejection sampling. drafts (b, k) drawn from draft_probs (b, k, V); target_probs (b, k+1, V); uniforms
     (b, k+1): k for the acceptance tests and one for the final draw. Returns (accepted (b,), final (b,))."""
     b, k = drafts.shape
+    if not k:  # nothing to verify: a draw from q
+        return drafts.new_zeros(b), sample(target_probs[:, 0], uniforms[:, 0])
     q = target_probs[:, :k].gather(-1, drafts[..., None]).squeeze(-1)
     p = draft_probs.gather(-1, drafts[..., None]).squeeze(-1)
     accepted = (uniforms[:, :k] * p < q).long().cumprod(-1).sum(-1)
@@ -78,11 +80,38 @@ def speculative_accept(
 
 def logprobs_of(logits: torch.Tensor, tokens: torch.Tensor, top: int) -> list[TokenLogprob]:
     """logits (n, V) at the positions that produced tokens (n,): each token's log-probability and the top alternatives."""
-    logprobs = torch.log_softmax(logits.float(), dim=-1)
-    chosen = logprobs.gather(1, tokens[:, None]).squeeze(1).tolist()
+    return step_logprobs(torch.log_softmax(logits.float(), dim=-1)[None], tokens[None], [top])[0].proposed
+
+
+@dataclass
+class StepLogprobs:
+    """One row's log-probabilities at the positions a step fed: the distribution (t, V) the request reports, and the
+    entries of the tokens proposed there, read for the whole batch at once."""
+
+    logp: torch.Tensor
+    proposed: list[TokenLogprob]
+    top: int
+
+    def of(self, position: int, token: int) -> TokenLogprob:
+        """The entry of token at position (another token than the proposed one is read from the row)."""
+        if self.proposed[position].token_id == token:
+            return self.proposed[position]
+        return step_logprobs(self.logp[None, position : position + 1], torch.tensor([[token]]), [self.top])[0].proposed[0]
+
+
+def step_logprobs(logp: torch.Tensor, tokens: torch.Tensor, tops: list[int]) -> list[StepLogprobs]:
+    """logp (b, t, V) log-probabilities, tokens (b, t) proposed, tops[i] the alternatives row i reports: per row its
+    StepLogprobs, with one gather (and one top-k) for the batch instead of one per row."""
+    chosen = logp.gather(-1, tokens[..., None].to(logp.device)).squeeze(-1).tolist()
+    top = max(tops)
+    alternatives = None
     if top:
-        values, ids = logprobs.topk(top, dim=-1)
-        alternatives = [list(zip(i, v)) for i, v in zip(ids.tolist(), values.tolist())]
-    else:
-        alternatives = [[] for _ in chosen]
-    return [TokenLogprob(t, lp, alt) for t, lp, alt in zip(tokens.tolist(), chosen, alternatives)]
+        values, ids = logp.topk(top, dim=-1)
+        alternatives = [[list(zip(i, v)) for i, v in zip(*row)] for row in zip(ids.tolist(), values.tolist())]
+    return [
+        StepLogprobs(logp[row], [
+            TokenLogprob(token, lp, alternatives[row][position][: tops[row]] if tops[row] else [])
+            for position, (token, lp) in enumerate(zip(ids_row, chosen[row]))
+        ], tops[row])
+        for row, ids_row in enumerate(tokens.tolist())
+    ]

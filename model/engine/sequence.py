@@ -8,7 +8,7 @@ import torch
 
 from model.engine.params import SamplingParams
 from model.engine.reasoning import Thinking
-from model.engine.sampling import TokenLogprob, logprobs_of, request_logits
+from model.engine.sampling import StepLogprobs, TokenLogprob
 from model.engine.text import IncrementalText, find_stop
 from model.tokenizer import Tokenizer
 
@@ -127,36 +127,31 @@ class Sequence:
     def prompt_left(self) -> int:
         return len(self.prompt) - self.prefilled
 
-    def append(self, tokens: list[int], logits: torch.Tensor) -> int:
-        """Add generated tokens in order, logits (len(tokens), V) being the model's at the positions that produced them.
-        Stops early when a token ends the request or a forced `</think>` replaces a token (what follows was predicted
-        from the replaced one). Returns how many tokens were kept."""
+    def append(self, tokens: list[int], logprobs: StepLogprobs | None) -> int:
+        """Add generated tokens in order, logprobs being those of the positions that produced them (when the request
+        reports them). Stops early when a token ends the request or a forced `</think>` replaces a token (what
+        follows was predicted from the replaced one). Returns how many tokens were kept."""
         kept = 0
-        for token in tokens:
+        for position, token in enumerate(tokens):
             # Forced whatever the sampler drew, even the same token: the budget, not the draw, decided it.
             force = self.thinking is not None and self.thinking.force_end
             replaced = force and token != self.thinking.end_id
             self.forced.append(force)
-            self._add(self.thinking.end_id if force else token)
+            token = self.thinking.end_id if force else token
+            if self.logprobs is not None:
+                self.logprobs.append(self._reported(logprobs, position, token, force))
+            self._add(token)
             kept += 1
             if self.finish_reason is not None or replaced:
                 break
-        if self.logprobs is not None:
-            new = torch.tensor(self.tokens[-kept:], device=logits.device)
-            self.logprobs += logprobs_of(self._reported(logits[:kept], self.forced[-kept:]), new, self.params.logprobs)
         return kept
 
-    def _reported(self, logits: torch.Tensor, forced: list[bool]) -> torch.Tensor:
-        """Logits (n, V) whose log-softmax the logprobs report, per SamplingParams.logprobs_mode."""
-        if self.params.logprobs_mode == "raw":
-            return logits
-        if not self.params.greedy:
-            logits = request_logits(logits[None], [self.params])[0]
-        if any(forced):
-            certain = torch.full_like(logits, float("-inf"))
-            certain[:, self.thinking.end_id] = 0
-            logits = torch.where(torch.tensor(forced, device=logits.device)[:, None], certain, logits)
-        return logits
+    def _reported(self, logprobs: StepLogprobs, position: int, token: int, forced: bool) -> TokenLogprob:
+        """The entry logprobs report for token; a forced token is certain under the processed distribution (the
+        engine, not the sampler, chose it)."""
+        if forced and self.params.logprobs_mode == "processed":
+            return TokenLogprob(token, 0.0, [(token, 0.0)] if self.params.logprobs else [])
+        return logprobs.of(position, token)
 
     def _add(self, token: int) -> None:
         self.tokens.append(token)
