@@ -229,7 +229,8 @@ def test_cli_writes_tables_json_and_plot(checkpoint, tmp_path, capsys, monkeypat
     monkeypatch.setenv("COLUMNS", "200")
     out = tmp_path / "ruler"
     status, stdout, err = n3_cli(capsys, "eval", "ruler", "-c", str(checkpoint), "--lengths", "1k", "--samples", "1",
-                                  "--tasks", "niah_single_1,vt,qa_1", "--out", str(out))
+                                  "--tasks", "niah_single_1,vt,qa_1", "--set", "serve.compile=false",
+                                  "--out", str(out))
     assert status == 0, err
     assert "niah_single_1" in stdout and "mean (2 tasks)" in stdout and "skipped qa_1: no SQuAD file" in stdout
     summary = json.loads((out / "ruler.json").read_text())
@@ -248,18 +249,20 @@ def test_cli_writes_tables_json_and_plot(checkpoint, tmp_path, capsys, monkeypat
     assert status == 0 and warmed == [], err
     assert "bits per byte" in stdout and json.loads((tmp_path / "ppl/perplexity.json").read_text())["window"] == 64
     status, stdout, err = n3_cli(capsys, "eval", "throughput", "-c", str(checkpoint), "--shapes", "32:4,48:2",
-                                  "--concurrency", "2", "--requests", "2", "--out", str(tmp_path / "tp"))
+                                  "--concurrency", "2", "--requests", "2", "--set", "serve.compile=false",
+                                  "--out", str(tmp_path / "tp"))
     assert status == 0, err
     results = json.loads((tmp_path / "tp/throughput.json").read_text())["results"]
     assert [(r["input_len"], r["output_len"]) for r in results] == [(32, 4), (48, 2)] and "32/4" in stdout
     status, stdout, err = n3_cli(capsys, "eval", "mtp", "-c", str(checkpoint), "--depth", "2", "--prompts", "2",
-                                  "--prompt-len", "16", "--max-tokens", "6", "--out", str(tmp_path / "mtp"))
+                                  "--prompt-len", "16", "--max-tokens", "6", "--set", "serve.compile=false",
+                                  "--out", str(tmp_path / "mtp"))
     assert status == 0, err
     runs = json.loads((tmp_path / "mtp/mtp.json").read_text())["runs"]
     assert [r["temperature"] for r in runs] == [0.0, 1.0] and all(len(r["per_depth"]) == 2 for r in runs)
     assert "language reference" in stdout and "speedup" in stdout
     status, stdout, err = n3_cli(capsys, "eval", "mtp", "-c", str(checkpoint), "--env", "math:1", "--depth", "1",
-                                  "--prompts", "2", "--max-tokens", "4", "--temperature", "0",
+                                  "--prompts", "2", "--max-tokens", "4", "--temperature", "0", "--set", "serve.compile=false",
                                   "--out", str(tmp_path / "mtp-chat"))
     assert status == 0, err
     runs = json.loads((tmp_path / "mtp-chat/mtp.json").read_text())["runs"]

@@ -30,7 +30,7 @@ FAST = ["extend.train.seq_len=2048", "extend.short_seq_len=512", "extend.short_f
         "extend.train.micro_batch_size=1", "extend.train.global_batch_size=2", "extend.train.steps=3",
         "extend.train.eval_interval=3", "extend.train.checkpoint_interval=3", "extend.train.mtp_depths=2",
         "extend.eval_documents=1", "extend.ruler_lengths=2048", "extend.ruler_samples=1", "extend.eval_sequences=4",
-        "extend.data=corpus", "extend.weights="]
+        "extend.data=corpus", "extend.weights=", "serve.compile=false"]
 
 
 class Stream:

@@ -27,7 +27,8 @@ FAST = ["mopd.train.steps=3", "mopd.prompts_per_step=4", "mopd.group_size=2", "m
         "mopd.train.seq_len=64", "mopd.train.micro_batch_size=4", "mopd.train.checkpoint_interval=1",
         "mopd.train.lr=1e-3", "mopd.reasoning=false", "mopd.engine_batch=8", "mopd.warmup.steps=2",
         "mopd.warmup_prompts=8", "mopd.warmup.seq_len=64", "mopd.warmup.micro_batch_size=2",
-        "mopd.warmup.global_batch_size=2", "mopd.warmup.lr=1e-3", "mopd.asynchronous=true"]
+        "mopd.warmup.global_batch_size=2", "mopd.warmup.lr=1e-3", "mopd.asynchronous=true",
+        "serve.compile=false"]
 
 
 def settings(*extra: str) -> list[str]:

@@ -46,7 +46,8 @@ PARITY = textwrap.dedent('''
 ''')
 FAST = ["rlvr.train.steps=4", "rlvr.prompts_per_step=3", "rlvr.group_size=4", "rlvr.max_tokens=8",
         "rlvr.train.seq_len=64", "rlvr.train.micro_batch_size=4", "rlvr.train.checkpoint_interval=2",
-        "rlvr.train.lr=1e-3", "rlvr.reasoning=false", "rlvr.engine_batch=8", "rlvr.tis_cap=2"]
+        "rlvr.train.lr=1e-3", "rlvr.reasoning=false", "rlvr.engine_batch=8", "rlvr.tis_cap=2",
+        "serve.compile=false"]
 
 
 def settings(*extra: str) -> list[str]:

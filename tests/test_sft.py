@@ -21,7 +21,7 @@ FAST = ["sft.train.seq_len=256", "sft.train.micro_batch_size=2", "sft.train.glob
         "sft.train.steps=4", "sft.train.warmup_steps=1", "sft.train.eval_interval=2", "sft.train.eval_sequences=4",
         "sft.train.checkpoint_interval=2", "sft.problems=12", "sft.eval_problems=3", "sft.eval_max_tokens=12",
         "sft.tasks=math:1,code:1,instructions:1", "sft.reasoning_off=0.25", "sft.reasoning_truncated=0",
-        "sft.train.mtp_depths=2"]
+        "sft.train.mtp_depths=2", "serve.compile=false"]
 CHATS = [{"messages": [{"role": "user", "content": f"Say {word}."},
                        {"role": "assistant", "reasoning_content": f"The word is {word}.", "content": word}]}
          for word in ("sky", "sun", "grass", "tree", "blue", "green", "sea", "rain")]
