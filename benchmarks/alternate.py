@@ -3,11 +3,23 @@ that whatever else the machine does falls on both alike."""
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable
 
 WARMUP = 2
 """Steps of each run before any is measured (compiles, caches, allocator)."""
+
+
+ALLOCATOR_KEPT = ("MALLOC_MMAP_THRESHOLD_=17179869184 MALLOC_TRIM_THRESHOLD_=17179869184 "
+                  "MALLOC_TOP_PAD_=1073741824")
+"""glibc settings under which freed memory is kept, not unmapped: a step that allocates and frees large tensors then
+does not fault their pages in again each time, which under glibc's defaults can cost more than the arithmetic."""
+
+
+def allocator() -> str:
+    """The glibc allocator settings this process runs under, for a benchmark's report."""
+    return " ".join(f"{k}={v}" for k, v in sorted(os.environ.items()) if k.startswith("MALLOC_")) or "glibc defaults"
 
 
 def alternate(steps: dict[str, Callable[[int], dict]], total: int, after_first: Callable[[], None] | None = None

@@ -43,6 +43,13 @@ the same ids and stop replies at the same tokens). The replies are sampled, so t
 a little: they are printed beside the times, since reply length decides generation time, with the positions each
 side's student and teacher forwards run (padding included). On shared cores pass --threads 1: two OpenMP threads
 wait on a descheduled one.
+
+The allocator decides much of TRL's time: its batch x positions x vocabulary tensors are allocated and freed every
+step, and under glibc's defaults each is a fresh mmap whose pages fault in again each time (on the CI machine that
+more than doubled TRL's training half). To compare the arithmetic rather than the page faults, run both sides with
+glibc keeping what is freed (alternate.ALLOCATOR_KEPT: `MALLOC_MMAP_THRESHOLD_=17179869184
+MALLOC_TRIM_THRESHOLD_=17179869184 MALLOC_TOP_PAD_=1073741824 python benchmarks/mopd_step.py`); the first line
+printed names the allocator settings.
 """
 
 from __future__ import annotations
@@ -58,7 +65,7 @@ from pathlib import Path
 import torch
 
 import presets
-from alternate import WARMUP, alternate
+from alternate import WARMUP, allocator, alternate
 from peer_checkpoint import without_mtp
 from model.checkpoint import from_pretrained
 from model.tokenizer import Tokenizer
@@ -123,7 +130,8 @@ def _compare(args, folder: Path) -> None:
     md = cfg.mopd
     print(f"student: {source or 'a fresh tiny model'}, teacher: {teacher_source or 'the student'}, both without "
           f"their MTP heads; {md.prompts_per_step} prompts x 1 sample per step, replies of at most {md.max_tokens} "
-          f"tokens; {args.envs}; {torch.get_num_threads()} threads; load average {os.getloadavg()[0]:.2f}")
+          f"tokens; {args.envs}; {torch.get_num_threads()} threads; load average {os.getloadavg()[0]:.2f}; "
+          f"allocator: {allocator()}")
     envs = load_environments(md.envs, md.weights)
     plan = cycle_prompts(cfg, envs, 1)  # the prompts `n3 mopd`'s first cycle draws
     tokenizer = Tokenizer.load(student)

@@ -29,7 +29,10 @@ fp32, with the checkpoint's own chat template (the script checks that both sides
 ids). The replies are sampled, so the two sides' tokens per step differ a little: they are printed beside the times,
 since reply length decides generation time, with the positions each side's training forward runs (n3: packed rows,
 padding included; TRL: every reply padded to the longest prompt plus the longest reply). On shared cores pass
---threads 1: two OpenMP threads wait on a descheduled one.
+--threads 1: two OpenMP threads wait on a descheduled one. TRL's step allocates and frees batch x positions x
+vocabulary tensors; under glibc's defaults their pages fault in again every step, so compare with freed memory kept
+too (`env MALLOC_... python benchmarks/rlvr_step.py` with alternate.ALLOCATOR_KEPT; the first line printed names the
+allocator settings).
 """
 
 from __future__ import annotations
@@ -46,7 +49,7 @@ from pathlib import Path
 import torch
 
 import presets
-from alternate import WARMUP, alternate
+from alternate import WARMUP, allocator, alternate
 from peer_checkpoint import without_mtp
 from model.checkpoint import from_pretrained
 from model.tokenizer import Tokenizer
@@ -104,7 +107,7 @@ def _compare(args, folder: Path) -> None:
     rl = cfg.rlvr
     print(f"model: {source or 'a fresh tiny model'} without its MTP head; {rl.prompts_per_step} prompts x "
           f"{rl.group_size} samples per step, replies of at most {rl.max_tokens} tokens; {args.envs}; "
-          f"{torch.get_num_threads()} threads; load average {os.getloadavg()[0]:.2f}")
+          f"{torch.get_num_threads()} threads; load average {os.getloadavg()[0]:.2f}; allocator: {allocator()}")
     envs = load_environments(rl.envs, rl.weights)
     plan = blend_prompts(envs, rl.weights, rl.prompts_per_step * total, "train", rl.train.seed)
     tokenizer = Tokenizer.load(checkpoint)

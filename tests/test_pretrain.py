@@ -177,13 +177,15 @@ def test_a_finished_run_resumes_to_its_report(trained, capsys):
 
 def test_low_precision_compute_converts_the_model(small_corpus, tmp_path):
     """precision.compute = nvfp4 goes through model.lowp's converter (emulated on a CPU) before training, and the
-    converted blocks compile (train.compile)."""
+    converted blocks compile (train.compile; an attention and a MoE block: compiled Mamba blocks are
+    test_runtime's, and each kind of block costs its own compilation)."""
     process = n3_process("pretrain", "--out", str(tmp_path / "fp4"), *settings(
-        small_corpus, "train.steps=2", "precision.compute=nvfp4", "train.mtp_depths=0", "train.compile=true"))
+        small_corpus, "train.steps=2", "precision.compute=nvfp4", "model.pattern=*E", "train.mtp_depths=0",
+        "train.compile=true"))
     out, err = process.communicate(timeout=300)
     assert process.returncode == 0, err
     assert "low precision (emulated)" in " ".join(err.split()) and "nvfp4" in err
-    assert "12 blocks compile" in " ".join(err.split())
+    assert "2 blocks compile" in " ".join(err.split())
     losses = [r["loss"] for r in read_metrics(tmp_path / "fp4" / "metrics.jsonl")]
     assert len(losses) == 2 and all(0 < loss < 20 for loss in losses)
 

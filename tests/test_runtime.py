@@ -178,9 +178,9 @@ def test_objective_reports_every_term():
 
 
 def test_compiled_blocks_train_like_eager_ones(monkeypatch):
-    """train.compile: every block of the main stack and the MTP head compiled; three optimizer steps give the eager
-    losses (the MoE aux loss included, so the routing a compiled MoE block records is the eager one). Where
-    torch.compile cannot build code, a note and eager training."""
+    """train.compile: every block of the main stack and the MTP head compiled (each kind of block a shipped shape
+    uses); three optimizer steps give the eager losses (the MoE aux loss included, so the routing a compiled MoE
+    block records is the eager one). Where torch.compile cannot build code, a note and eager training."""
     from stages.runtime import compiling
 
     train = presets.load("cpu").train
@@ -189,10 +189,10 @@ def test_compiled_blocks_train_like_eager_ones(monkeypatch):
 
     def losses(compile: bool) -> list[float]:
         torch.manual_seed(0)
-        objective = CausalLMObjective(build(tiny_config(pattern="M*-E/*E")), mtp_depths=2)
+        objective = CausalLMObjective(build(tiny_config(pattern="M*E/*E")), mtp_depths=2)
         notes = []
         compiled = compiling.compile_blocks(objective.model, notes.append) if compile else 0
-        assert compiled == (6 if compile else 0) and len(notes) == compile
+        assert compiled == (5 if compile else 0) and len(notes) == compile
         optimizer = build_optimizer(objective, train)
         result = []
         for _ in range(3):
