@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 
 import presets
+from alternate import allocator
 from peer_checkpoint import without_mtp
 from model.checkpoint import from_pretrained
 from model.tokenizer import Tokenizer
@@ -65,7 +66,7 @@ def main() -> None:
 def _compare(args, folder: Path) -> None:
     checkpoint = _checkpoint(args.checkpoint, folder / "model")
     print(f"model: {args.checkpoint or 'the newest pretrain run'} without its MTP head; {args.rows} rows x "
-          f"{args.seq_len} tokens per step")
+          f"{args.seq_len} tokens per step; allocator: {allocator()}")
 
     cfg = presets.load("cpu", [f"sft.train.seq_len={args.seq_len}", f"sft.train.micro_batch_size={args.rows}",
                                f"sft.train.global_batch_size={args.rows}", f"sft.problems={args.problems}",
