@@ -11,14 +11,11 @@ WARMUP = 2
 """Steps of each run before any is measured (compiles, caches, allocator)."""
 
 
-ALLOCATOR_KEPT = ("MALLOC_MMAP_THRESHOLD_=17179869184 MALLOC_TRIM_THRESHOLD_=17179869184 "
-                  "MALLOC_TOP_PAD_=1073741824")
-"""glibc settings under which freed memory is kept, not unmapped: a step that allocates and frees large tensors then
-does not fault their pages in again each time, which under glibc's defaults can cost more than the arithmetic."""
-
-
 def allocator() -> str:
-    """The glibc allocator settings this process runs under, for a benchmark's report."""
+    """The glibc allocator settings this process runs under, for a benchmark's report. A step that allocates and
+    frees large tensors faults their pages in again each time under glibc's defaults, which can cost more than the
+    arithmetic; `env MALLOC_MMAP_THRESHOLD_=17179869184 MALLOC_TRIM_THRESHOLD_=17179869184 MALLOC_TOP_PAD_=1073741824`
+    keeps freed memory instead."""
     return " ".join(f"{k}={v}" for k, v in sorted(os.environ.items()) if k.startswith("MALLOC_")) or "glibc defaults"
 
 

@@ -31,8 +31,7 @@ since reply length decides generation time, with the positions each side's train
 padding included; TRL: every reply padded to the longest prompt plus the longest reply). On shared cores pass
 --threads 1: two OpenMP threads wait on a descheduled one. TRL's step allocates and frees batch x positions x
 vocabulary tensors; under glibc's defaults their pages fault in again every step, so compare with freed memory kept
-too (`env MALLOC_... python benchmarks/rlvr_step.py` with alternate.ALLOCATOR_KEPT; the first line printed names the
-allocator settings).
+too (the settings alternate.allocator names); the first line printed names the allocator settings.
 """
 
 from __future__ import annotations
