@@ -16,7 +16,8 @@ def allocator() -> str:
     frees large tensors faults their pages in again each time under glibc's defaults, which can cost more than the
     arithmetic; `env MALLOC_MMAP_THRESHOLD_=17179869184 MALLOC_TRIM_THRESHOLD_=17179869184 MALLOC_TOP_PAD_=1073741824`
     keeps freed memory instead."""
-    return " ".join(f"{k}={v}" for k, v in sorted(os.environ.items()) if k.startswith("MALLOC_")) or "glibc defaults"
+    settings = [f"{k}={v}" for k, v in sorted(os.environ.items()) if k.startswith("MALLOC_") or k == "GLIBC_TUNABLES"]
+    return " ".join(settings) or "glibc defaults"
 
 
 def alternate(steps: dict[str, Callable[[int], dict]], total: int, after_first: Callable[[], None] | None = None

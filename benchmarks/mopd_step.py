@@ -47,9 +47,8 @@ wait on a descheduled one.
 The allocator decides much of TRL's time: its batch x positions x vocabulary tensors are allocated and freed every
 step, and under glibc's defaults each is a fresh mmap whose pages fault in again each time (on the CI machine that
 more than doubled TRL's training half). To compare the arithmetic rather than the page faults, run both sides with
-glibc keeping what is freed (`MALLOC_MMAP_THRESHOLD_=17179869184
-MALLOC_TRIM_THRESHOLD_=17179869184 MALLOC_TOP_PAD_=1073741824 python benchmarks/mopd_step.py`); the first line
-printed names the allocator settings.
+glibc keeping what is freed (the settings alternate.allocator names); the first line printed names the allocator
+settings.
 """
 
 from __future__ import annotations
