@@ -50,14 +50,15 @@ def filtered_logits(
     distribution the engine samples from (model.engine.sampling) and the learner scores (linear_logprobs)."""
     shape = (-1,) + (1,) * (logits.dim() - 1)
     logits = logits.float() / temperature.view(shape)
-    if not (bool((top_k > 0).any()) or bool((top_p < 1).any())):
+    # Compiled code truncates unconditionally (a host-side test would split its graph); it drops nothing then.
+    if not torch.compiler.is_compiling() and not (bool((top_k > 0).any()) or bool((top_p < 1).any())):
         return logits
     ordered, order = logits.detach().sort(dim=-1, descending=True)
     rank = torch.arange(logits.shape[-1], device=logits.device)
-    k = top_k.view(shape)
+    k, p = top_k.view(shape), top_p.view(shape)
     drop = (k > 0) & (rank >= k)
     probs = ordered.masked_fill(drop, float("-inf")).softmax(-1)
-    drop = drop | ((probs.cumsum(-1) - probs) >= top_p.view(shape))  # the mass before a token reaches top_p
+    drop = drop | ((p < 1) & (probs.cumsum(-1) - probs >= p))  # the mass before a token reaches top_p
     return logits.masked_fill(torch.zeros_like(drop).scatter_(-1, order, drop), float("-inf"))
 
 

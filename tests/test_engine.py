@@ -115,17 +115,17 @@ def test_deep_drafts_keep_greedy_output(small_vocab, ssm_dtype, k):
     engine = Engine(small_vocab, config=dataclasses.replace(config, speculative_tokens=k))
     truth = {tuple(p): tokens + [0] * k for p, tokens in zip(CLEAR_PROMPTS, plain)}
     wrong_from = random.Random(0)
-    mtp_draft = engine._draft
+    set_drafts = engine._set_drafts
 
-    def oracle_draft(seqs, hidden):
-        mtp_draft(seqs, hidden)  # the MTP cache as drafting leaves it; only the drafts change
+    def oracle_drafts(seqs, tokens, probs):
+        set_drafts(seqs, tokens, probs)  # the MTP cache as drafting leaves it; only the drafts change
         for seq in seqs:
             seq.drafts = truth[tuple(seq.prompt)][len(seq.tokens) : len(seq.tokens) + k]
             wrong = wrong_from.randrange(k + 1)
             if wrong < k:
                 seq.drafts[wrong] = (seq.drafts[wrong] + 1) % small_vocab.config.vocab_size
 
-    engine._draft = oracle_draft
+    engine._set_drafts = oracle_drafts
     assert [c.token_ids for c in engine.generate(CLEAR_PROMPTS, params)] == plain
     assert all(0 < a < p for a, p in zip(engine.stats.accepted, engine.stats.proposed))
 
@@ -410,27 +410,30 @@ def test_fp16_stochastic_rounding_stays_closer_to_fp32():
 
 
 def test_compiled_decode_equals_eager(small_vocab):
-    """torch.compile'd decode steps (verification keeping per-position Mamba states, then the MTP block) produce the
-    eager tokens, and after load_weights the new model's. Eight steps of two rows: one batch shape, so two graphs to
-    compile."""
+    """torch.compile'd decode steps (verification keeping per-position Mamba states, then the drafting: the MTP
+    block over the kept positions, the draws and the recursive depth) produce the eager tokens, for a greedy row and
+    a seeded sampled one in the same batch, and after load_weights the new model's. Eight steps of two rows: one
+    batch shape."""
     prompts = [[1, 2, 3, 4], [5, 0, 2, 2]]
+    params = [SamplingParams(temperature=0, max_tokens=40, ignore_eos=True),
+              SamplingParams(temperature=1.0, max_tokens=40, seed=7, ignore_eos=True)]  # one batch shape: fewer graphs
     tokens = []
     for compiled in (False, True):
-        config = EngineConfig(max_batch=2, max_len=48, speculative_tokens=1, compile=compiled)
+        config = EngineConfig(max_batch=2, max_len=48, speculative_tokens=2, compile=compiled)
         engine = Engine(copy.deepcopy(small_vocab), config=config)  # a copy: load_weights below writes into it
-        ids = [engine.submit(p, SamplingParams(temperature=0, max_tokens=40)) for p in prompts]
+        ids = [engine.submit(p, q) for p, q in zip(prompts, params)]
         for _ in range(8):
             engine.step()
         tokens.append([engine.requests[i].tokens for i in ids])
-    assert tokens[0] == tokens[1]
-    assert all(t == naive_greedy(small_vocab, p, len(t)) and len(t) >= 8 for p, t in zip(prompts, tokens[1]))
+    assert tokens[0] == tokens[1] and len(tokens[1][1]) >= 8
+    assert tokens[1][0] == naive_greedy(small_vocab, prompts[0], len(tokens[1][0])) and len(tokens[1][0]) >= 8
     for request_id in ids:  # new weights: the compiled step reads them (parameters are graph inputs)
         engine.abort(request_id)
     engine.step()
     other = random_model(vocab_size=6, scale=5.0, seed=3)
     engine.load_weights(other.state_dict())
-    greedy = SamplingParams(temperature=0, max_tokens=12)
-    assert [c.token_ids for c in engine.generate(prompts, greedy)] == [naive_greedy(other, p, 12) for p in prompts]
+    params = [dataclasses.replace(q, max_tokens=12) for q in params]
+    assert engine.generate(prompts, params)[0].token_ids == naive_greedy(other, prompts[0], 12)
 
 
 def full_forward_logits(model, prompt: list[int], tokens: list[int]) -> torch.Tensor:

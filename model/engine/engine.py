@@ -6,16 +6,12 @@ Each `step()`:
    verifies the drafts (greedy or rejection sampling), keeps the accepted ones, and rewinds KV lengths and Mamba
    states of each row to its last accepted token;
 3. spends what is left of `max_step_tokens` on prompt chunks of the requests still prefilling, oldest first;
-4. refreshes the MTP cache on the new positions and drafts the next k tokens (speculation only);
+4. refreshes the MTP cache on the new positions and drafts the next k tokens (speculation only:
+   model.engine.drafting);
 5. returns one Delta per request that produced something, and frees the rows of finished requests.
 
-MTP drafting (one weight set applied recursively): the MTP cache holds the MTP block's keys and values at every
-position i, computed from (main hidden h_i, embedding of token i+1), as vLLM keeps them. Depth 1 of the draft is the
-MTP output at the last position; depth j > 1 feeds the previous depth's hidden and draft token one position further,
-and those speculative MTP positions are dropped afterwards (the next step rewrites them from real hidden states).
-
-With `EngineConfig(compile=True)` the decode-step forwards (backbone, MTP block) run through torch.compile with a
-dynamic batch dimension and Inductor's C++ wrapper (COMPILE_OPTIONS); prefill stays eager.
+With `EngineConfig(compile=True)` the decode step's backbone forward and its drafting run through torch.compile
+with a dynamic batch dimension and Inductor's C++ wrapper (COMPILE_OPTIONS); prefill stays eager.
 
 `load_weights` swaps in new weights (a trainer's, between rollouts) by copying them into the model's own tensors:
 the caches, their rows and the compiled graphs stay as they are (compiled code reads the parameters when it runs).
@@ -35,10 +31,11 @@ import torch
 
 from model.cache import HybridCache
 from model.checkpoint import from_pretrained
+from model.engine import drafting
 from model.engine.params import EngineConfig, SamplingParams
 from model.engine.reasoning import Thinking
 from model.engine.sampling import (
-    StepLogprobs, greedy_accept, logprobs_of, request_logits, sample, speculative_accept, step_logprobs,
+    StepLogprobs, greedy_accept, logprobs_of, request_logits, request_settings, speculative_accept, step_logprobs,
 )
 from model.engine.sequence import Completion, Delta, Sequence
 from model.errors import UserError
@@ -145,7 +142,10 @@ class Engine:
         self._newline: dict[int, bool] = {}
         # Decode-step forwards, compiled when asked; prefill, whose lengths vary, always runs eagerly.
         self._backbone = torch.compile(model.model, options=COMPILE_OPTIONS) if config.compile else model.model
-        self._mtp_block = torch.compile(model.mtp, options=COMPILE_OPTIONS) if config.compile and self.k else model.mtp
+        self._drafts = {
+            prompt: torch.compile(draft, options=COMPILE_OPTIONS) if config.compile and self.k else draft
+            for prompt, draft in ((False, drafting.mtp_draft), (True, drafting.prompt_draft))
+        }
 
     # --- requests ---------------------------------------------------------------------------------------------------
     def submit(
@@ -345,13 +345,17 @@ class Engine:
                 following[row] = following[row] + seqs[row].tokens[-1:]
         if self.k:
             alive = [row for row, s in enumerate(seqs) if s.finish_reason is None]
-            if alive:
-                last = self._mtp_forward(
-                    [seqs[row] for row in alive], h[alive], torch.tensor([following[row] for row in alive], device=self.device)
-                )
-                drafting = [i for i, row in enumerate(alive) if row in done]
-                if drafting:
-                    self._draft([seqs[alive[i]] for i in drafting], last[drafting])
+            # Rows still prefilling only write their MTP positions; those that finished their prompt draft too.
+            for rows, draft in (([r for r in alive if r not in done], False), ([r for r in alive if r in done], True)):
+                if not rows:
+                    continue
+                following_rows = torch.tensor([following[row] for row in rows], device=self.device)
+                kept = torch.full((len(rows),), n, device=self.device)
+                if draft:
+                    self._draft([seqs[row] for row in rows], h[rows], following_rows, kept, prompt=True)
+                else:
+                    cache = self._select(self.mtp_cache, [seqs[row] for row in rows], compiled=False)
+                    drafting.mtp_positions(self.model, h[rows], following_rows, kept, cache)
 
     def _decode(self, seqs: list[Sequence]) -> None:
         k = self.k
@@ -374,47 +378,40 @@ class Engine:
             following = torch.tensor(
                 [seqs[i].tokens[-kept[i] :] + [0] * (1 + k - kept[i]) for i in alive], device=self.device
             )
-            kept_alive = torch.tensor([kept[i] for i in alive], device=self.device)
-            last = self._mtp_forward([seqs[i] for i in alive], h[alive], following, kept_alive)
-            self._draft([seqs[i] for i in alive], last)
+            self._draft([seqs[i] for i in alive], h[alive], following, torch.tensor([kept[i] for i in alive]))
 
     # --- MTP drafting -----------------------------------------------------------------------------------------------
-    def _mtp_forward(
-        self, seqs: list[Sequence], h: torch.Tensor, following: torch.Tensor, kept: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        """Write MTP cache positions for main hiddens h (b, t, d) and their following tokens (b, t), keeping the first
-        kept[i] (prefill: all, eagerly; decode: compiled when asked). Returns the MTP hidden at each row's last kept
-        position (b, d): depth 1 of the draft."""
-        t = h.shape[1]
-        decode = kept is not None
-        cache = self._select(self.mtp_cache, seqs, compiled=decode)
-        block = self._mtp_block if decode else self.model.mtp
-        out = block(self._dynamic(h, cache), self._dynamic(self.model.model.embeddings(following)), cache.layers)
-        cache.advance(t)
-        if decode:
-            cache.rewind(kept, t)
-        else:
-            kept = torch.full((len(seqs),), t, device=self.device)
-        return out[torch.arange(len(seqs), device=self.device), kept - 1]
-
-    def _draft(self, seqs: list[Sequence], hidden: torch.Tensor) -> None:
-        """Draft k tokens per row from depth-1 MTP hiddens (b, d), applying the MTP block recursively."""
+    def _draft(
+        self, seqs: list[Sequence], h: torch.Tensor, following: torch.Tensor, kept: torch.Tensor, prompt: bool = False
+    ) -> None:
+        """Write the MTP positions of main hiddens h (b, t, d) and the tokens following them (b, t), keeping kept[i]
+        (b,) of row i, and draft k tokens for each row from its last kept position: one compiled graph when asked
+        (for a prompt chunk, one whose t may vary)."""
         cache = self._select(self.mtp_cache, seqs)
-        lengths = cache.lengths[cache.active].clone()
-        tokens, probs = [], []
-        for depth in range(self.k):
-            token, prob = self._draw(seqs, self.model.logits(hidden))
-            tokens.append(token)
-            probs.append(prob)
-            if depth + 1 < self.k:
-                emb = self.model.model.embeddings(token[:, None])
-                hidden = self._mtp_block(self._dynamic(hidden[:, None], cache), self._dynamic(emb), cache.layers)[:, 0]
-                cache.advance(1)
-        cache.lengths[cache.active] = lengths  # the speculative MTP positions are rewritten next step
-        drafts = torch.stack(tokens, 1).tolist()
-        for i, seq in enumerate(seqs):
-            seq.drafts = drafts[i]
-            seq.draft_probs = None if probs[0] is None or seq.params.greedy else torch.stack([p[i] for p in probs])
+        draws = self._draws(seqs)
+        if draws is not None:
+            draws = drafting.Draws(*(self._dynamic(x) for x in draws))
+        dims = (0, 1) if prompt else (0,)
+        h, following = self._dynamic(h, cache, dims), self._dynamic(following, dims=dims)
+        kept = self._dynamic(kept.to(self.device))
+        self._set_drafts(seqs, *self._drafts[prompt](self.model, self.k, h, following, kept, cache, draws))
+
+    def _draws(self, seqs: list[Sequence]) -> drafting.Draws | None:
+        """The sampling settings and uniforms of drafting k tokens for seqs; None when every row is greedy."""
+        sampled = [i for i, s in enumerate(seqs) if not s.params.greedy]
+        if not sampled:
+            return None
+        greedy = torch.ones(len(seqs), dtype=torch.bool, device=self.device)
+        greedy[sampled] = False
+        uniforms = torch.zeros(len(seqs), self.k, device=self.device)
+        uniforms[sampled] = self._uniforms([seqs[i] for i in sampled], self.k)
+        return drafting.Draws(*request_settings([s.params for s in seqs], self.device), greedy, uniforms)
+
+    def _set_drafts(self, seqs: list[Sequence], tokens: torch.Tensor, probs: torch.Tensor | None) -> None:
+        """Hand each row its drafts (b, k) and, for a row that samples, their distributions (b, k, V)."""
+        for seq, row, p in zip(seqs, tokens.tolist(), probs if probs is not None else [None] * len(seqs)):
+            seq.drafts = row
+            seq.draft_probs = None if seq.params.greedy else p
 
     # --- compiled decode --------------------------------------------------------------------------------------------
     def _select(
@@ -423,28 +420,17 @@ class Engine:
         """Select the rows of seqs; compiled forwards get an index tensor (one kind of selection for every batch)."""
         return cache.select([s.slot for s in seqs], keep_positions, index=compiled and self.config.compile)
 
-    def _dynamic(self, x: torch.Tensor, cache: HybridCache | None = None) -> torch.Tensor:
-        """Mark the batch dimension of a compiled forward's inputs as dynamic, so one graph serves every batch size
-        (dynamo still specialises a batch of 1)."""
+    def _dynamic(self, x: torch.Tensor, cache: HybridCache | None = None, dims: tuple[int, ...] = (0,)) -> torch.Tensor:
+        """Mark dims (the batch) of a compiled forward's inputs as dynamic, so one graph serves every batch size
+        (dynamo still specialises a size of 1)."""
         if self.config.compile:
-            torch._dynamo.maybe_mark_dynamic(x, 0)
+            for dim in dims:
+                torch._dynamo.maybe_mark_dynamic(x, dim)
             if cache is not None and isinstance(cache.active, torch.Tensor):
                 torch._dynamo.maybe_mark_dynamic(cache.active, 0)
         return x
 
     # --- sampling ---------------------------------------------------------------------------------------------------
-    def _draw(self, seqs: list[Sequence], logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """One token per row from logits (b, V) with each request's settings; also the sampling distributions
-        (b, V) when any row samples (rows that are greedy hold unused values)."""
-        tokens = logits.argmax(-1)
-        sampled = [i for i, s in enumerate(seqs) if not s.params.greedy]
-        if not sampled:
-            return tokens, None
-        probs = request_logits(logits, [s.params for s in seqs]).softmax(-1)
-        uniforms = self._uniforms([seqs[i] for i in sampled], 1)[:, 0]
-        tokens[sampled] = sample(probs[sampled], uniforms)
-        return tokens, probs
-
     def _emit(self, seqs: list[Sequence], logits: torch.Tensor) -> tuple[list[int], list[int]]:
         """Verify and sample each row's tokens from logits (b, 1 + k, V) of the positions fed (the drafts, then the
         token after them) and append them to the sequences with their log-probabilities. Returns per row the drafts

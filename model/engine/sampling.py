@@ -35,11 +35,21 @@ def filtered_probs(
     return filtered_logits(logits, temperature, top_k, top_p).softmax(-1)
 
 
+def request_settings(
+    params: list[SamplingParams], device: torch.device | str
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Row i's (temperature, top_k, top_p) from params[i], as filtered_logits takes them (b,) (temperature 0 reads
+    as 1: greedy rows take the argmax, which no temperature moves)."""
+    return (
+        torch.tensor([p.temperature or 1.0 for p in params], dtype=torch.float32, device=device),
+        torch.tensor([p.top_k for p in params], dtype=torch.long, device=device),
+        torch.tensor([p.top_p for p in params], dtype=torch.float32, device=device),
+    )
+
+
 def request_logits(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
-    """filtered_logits of logits (b, ..., V) with row i's settings from params[i] (temperature 0 reads as 1: greedy
-    rows take the argmax, which no temperature moves)."""
-    settings = torch.tensor([(p.temperature or 1.0, p.top_k, p.top_p) for p in params], device=logits.device)
-    return filtered_logits(logits, settings[:, 0], settings[:, 1].long(), settings[:, 2])
+    """filtered_logits of logits (b, ..., V) with row i's settings from params[i]."""
+    return filtered_logits(logits, *request_settings(params, logits.device))
 
 
 def sample(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
