@@ -18,6 +18,7 @@ from kernels import ssd_span, ssd_step
 from model.cache import HybridCache
 from model.engine import Completion, Engine, EngineConfig, PromptTooLong, SamplingParams
 from model.engine.background import BackgroundEngine
+from model.engine.engine import RECOMPILE_LIMIT
 from model.engine.reasoning import Thinking
 from model.engine.sampling import filtered_probs, sample
 from model.errors import UserError
@@ -426,6 +427,7 @@ def test_compiled_decode_equals_eager(small_vocab):
             engine.step()
         tokens.append([engine.requests[i].tokens for i in ids])
     assert tokens[0] == tokens[1] and len(tokens[1][1]) >= 8
+    assert torch._dynamo.config.recompile_limit >= RECOMPILE_LIMIT  # engines of many draft depths stay compiled
     assert tokens[1][0] == naive_greedy(small_vocab, prompts[0], len(tokens[1][0])) and len(tokens[1][0]) >= 8
     for request_id in ids:  # new weights: the compiled step reads them (parameters are graph inputs)
         engine.abort(request_id)

@@ -49,6 +49,12 @@ RELOAD_MAY_CHANGE = ("initializer_range", "rescale_prenorm_residual", "time_step
 (NoPE: it bounds caches, which the engine has sized already)."""
 
 
+RECOMPILE_LIMIT = 64
+"""Graphs dynamo may keep per compiled function (its default is 8). Every engine of a process shares the caches of
+the functions it compiles (they are keyed by the code), and each draft depth, cache size and batch kind (one row or
+several) is a graph of its own: `n3 eval mtp` builds an engine per draft length and batch size, a dozen graphs of the
+drafting alone, and past the limit dynamo falls back to eager code without saying more than a warning."""
+
 COMPILE_OPTIONS = {"cpp_wrapper": True}
 """Inductor options of the decode-step graphs. The C++ wrapper calls each graph's kernels from C++ rather than
 Python: a decode step of a small model is a few hundred tiny kernels. Measured on the tiny shape (CPU, 2 threads,
@@ -141,6 +147,8 @@ class Engine:
         self._ids = itertools.count()
         self._newline: dict[int, bool] = {}
         # Decode-step forwards, compiled when asked; prefill, whose lengths vary, always runs eagerly.
+        if config.compile:
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
         self._backbone = torch.compile(model.model, options=COMPILE_OPTIONS) if config.compile else model.model
         self._drafts = {
             prompt: torch.compile(draft, options=COMPILE_OPTIONS) if config.compile and self.k else draft
