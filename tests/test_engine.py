@@ -85,7 +85,10 @@ def test_speculative_greedy_equals_plain_greedy(small_vocab, k):
     prompts = [[1, 2, 3], [4, 4, 0, 1, 5, 2, 3], [0], [5, 1, 1, 2]]
     params = SamplingParams(temperature=0, max_tokens=20)
     plain = Engine(small_vocab, config=EngineConfig(max_batch=3, max_len=32)).generate(prompts, params)
-    engine = Engine(small_vocab, config=EngineConfig(max_batch=3, max_len=32, speculative_tokens=k))
+    # A step budget of three prompt tokens beside three decoding rows: at k = 1 the long prompt prefills in two
+    # chunks, the first beside a row that drafts.
+    config = EngineConfig(max_batch=3, max_len=32, speculative_tokens=k, max_step_tokens=3 * (1 + k) + 3)
+    engine = Engine(small_vocab, config=config)
     spec = engine.generate(prompts, params)
     assert [c.token_ids for c in spec] == [c.token_ids for c in plain]
     stats = engine.stats

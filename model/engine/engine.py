@@ -353,17 +353,18 @@ class Engine:
                 following[row] = following[row] + seqs[row].tokens[-1:]
         if self.k:
             alive = [row for row, s in enumerate(seqs) if s.finish_reason is None]
+
+            def mtp_inputs(rows: list[int]) -> tuple[list[Sequence], torch.Tensor, torch.Tensor, torch.Tensor]:
+                tokens = torch.tensor([following[row] for row in rows], device=self.device)
+                return [seqs[row] for row in rows], h[rows], tokens, torch.full((len(rows),), n, device=self.device)
+
             # Rows still prefilling only write their MTP positions; those that finished their prompt draft too.
-            for rows, draft in (([r for r in alive if r not in done], False), ([r for r in alive if r in done], True)):
-                if not rows:
-                    continue
-                following_rows = torch.tensor([following[row] for row in rows], device=self.device)
-                kept = torch.full((len(rows),), n, device=self.device)
-                if draft:
-                    self._draft([seqs[row] for row in rows], h[rows], following_rows, kept, prompt=True)
-                else:
-                    cache = self._select(self.mtp_cache, [seqs[row] for row in rows], compiled=False)
-                    drafting.mtp_positions(self.model, h[rows], following_rows, kept, cache)
+            prefilling, ready = [r for r in alive if r not in done], [r for r in alive if r in done]
+            if prefilling:
+                rows, hidden, tokens, kept = mtp_inputs(prefilling)
+                drafting.mtp_positions(self.model, hidden, tokens, kept, self._select(self.mtp_cache, rows, compiled=False))
+            if ready:
+                self._draft(*mtp_inputs(ready), prompt=True)
 
     def _decode(self, seqs: list[Sequence]) -> None:
         k = self.k
