@@ -147,11 +147,9 @@ class Engine:
         self._ids = itertools.count()
         self._newline: dict[int, bool] = {}
         # Decode-step forwards, compiled when asked; prefill, whose lengths vary, always runs eagerly.
-        if config.compile:
-            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
-        self._backbone = torch.compile(model.model, options=COMPILE_OPTIONS) if config.compile else model.model
+        self._backbone = _compiled(model.model) if config.compile else model.model
         self._drafts = {
-            prompt: torch.compile(draft, options=COMPILE_OPTIONS) if config.compile and self.k else draft
+            prompt: _compiled(draft) if config.compile and self.k else draft
             for prompt, draft in ((False, drafting.mtp_draft), (True, drafting.prompt_draft))
         }
 
@@ -563,6 +561,12 @@ class Engine:
             scored = completion.prompt_logprobs[len(context) :]
             results.append((sum(t.logprob for t in scored), all(t.top[0][0] == t.token_id for t in scored)))
         return results
+
+
+def _compiled(forward):
+    """forward through torch.compile with COMPILE_OPTIONS, its calls (and so its compilations) under RECOMPILE_LIMIT;
+    the process's other compiled code keeps dynamo's own limit."""
+    return torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT)(torch.compile(forward, options=COMPILE_OPTIONS))
 
 
 def _misfits(target: Mapping[str, torch.Tensor], state: Mapping[str, torch.Tensor]) -> list[str]:
