@@ -385,7 +385,8 @@ class Engine:
             following = torch.tensor(
                 [seqs[i].tokens[-kept[i] :] + [0] * (1 + k - kept[i]) for i in alive], device=self.device
             )
-            self._draft([seqs[i] for i in alive], h[alive], following, torch.tensor([kept[i] for i in alive]))
+            kept_alive = torch.tensor([kept[i] for i in alive], device=self.device)
+            self._draft([seqs[i] for i in alive], h[alive], following, kept_alive)
 
     # --- MTP drafting -----------------------------------------------------------------------------------------------
     def _draft(
@@ -395,16 +396,14 @@ class Engine:
         (b,) of row i, and draft k tokens for each row from its last kept position: one compiled graph when asked
         (for a prompt chunk, one whose t may vary)."""
         cache = self._select(self.mtp_cache, seqs)
-        draws = self._draws(seqs)
-        if draws is not None:
-            draws = drafting.Draws(*(self._dynamic(x) for x in draws))
         dims = (0, 1) if prompt else (0,)
         h, following = self._dynamic(h, cache, dims), self._dynamic(following, dims=dims)
-        kept = self._dynamic(kept.to(self.device))
-        self._set_drafts(seqs, *self._drafts[prompt](self.model, self.k, h, following, kept, cache, draws))
+        drafts = self._drafts[prompt](self.model, self.k, h, following, self._dynamic(kept), cache, self._draws(seqs))
+        self._set_drafts(seqs, *drafts)
 
     def _draws(self, seqs: list[Sequence]) -> drafting.Draws | None:
-        """The sampling settings and uniforms of drafting k tokens for seqs; None when every row is greedy."""
+        """The sampling settings and uniforms of drafting k tokens for seqs (batch dimension dynamic, as the compiled
+        drafting takes them); None when every row is greedy."""
         sampled = [i for i, s in enumerate(seqs) if not s.params.greedy]
         if not sampled:
             return None
@@ -412,7 +411,8 @@ class Engine:
         greedy[sampled] = False
         uniforms = torch.zeros(len(seqs), self.k, device=self.device)
         uniforms[sampled] = self._uniforms([seqs[i] for i in sampled], self.k)
-        return drafting.Draws(*request_settings([s.params for s in seqs], self.device), greedy, uniforms)
+        settings = request_settings([s.params for s in seqs], self.device)
+        return drafting.Draws(*(self._dynamic(x) for x in (*settings, greedy, uniforms)))
 
     def _set_drafts(self, seqs: list[Sequence], tokens: torch.Tensor, probs: torch.Tensor | None) -> None:
         """Hand each row its drafts (b, k) and, for a row that samples, their distributions (b, k, V)."""
