@@ -42,16 +42,21 @@ def linear_logprobs(
 
 
 def filtered_logits(
-    logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor
+    logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
+    truncate: bool | None = None,
 ) -> torch.Tensor:
     """logits (b, ..., V); temperature, top_k (0: off), top_p (b,). The sampling distribution as logits, fp32
     (b, ..., V): divided by the temperature, -inf outside the top-k and then the top-p nucleus. Differentiable in
     the kept logits; which tokens are kept is read from the values, without a gradient. The one definition of the
-    distribution the engine samples from (model.engine.sampling) and the learner scores (linear_logprobs)."""
+    distribution the engine samples from (model.engine.sampling) and the learner scores (linear_logprobs).
+    `truncate` False skips the top-k and top-p pass (the caller knows no row asks for it); None decides from the
+    settings, except in compiled code, which then truncates (a host-side test would split its graph; it drops
+    nothing where no row asks)."""
     shape = (-1,) + (1,) * (logits.dim() - 1)
     logits = logits.float() / temperature.view(shape)
-    # Compiled code truncates unconditionally (a host-side test would split its graph); it drops nothing then.
-    if not torch.compiler.is_compiling() and not (bool((top_k > 0).any()) or bool((top_p < 1).any())):
+    if truncate is None:
+        truncate = torch.compiler.is_compiling() or bool((top_k > 0).any()) or bool((top_p < 1).any())
+    if not truncate:
         return logits
     ordered, order = logits.detach().sort(dim=-1, descending=True)
     rank = torch.arange(logits.shape[-1], device=logits.device)

@@ -506,6 +506,32 @@ def test_forced_think_end_is_marked(text_model, k):
     assert done.forced[done.token_ids.index(tokenizer.end_think_id)] and sum(done.forced) == 1
 
 
+def test_drafts_follow_the_tokens_kept_when_the_budget_forces_one(text_model):
+    """Every draft is the MTP head's prediction from the tokens the sequence holds, also after a step where the
+    thinking budget replaced a token (the decode step drafted from the replaced one; the engine drafts again): each
+    first draft equals the teacher-forced MTP unroll of one full forward over the sequence."""
+    model, tokenizer = text_model
+    engine = Engine(model, tokenizer, EngineConfig(max_batch=1, max_len=96, speculative_tokens=2))
+    seen = []
+    set_drafts = engine._set_drafts
+
+    def record(seqs, tokens, probs):
+        set_drafts(seqs, tokens, probs)
+        seen.extend((seqs[0].prompt + seqs[0].tokens, seqs[0].drafts[0]) for _ in seqs)
+
+    engine._set_drafts = record
+    params = SamplingParams(temperature=0, max_tokens=24, max_thinking_tokens=5, thinking_grace=0, ignore_eos=True)
+    done = engine.chat([[{"role": "user", "content": "Where is the sun?"}]], params)[0]
+    assert sum(done.forced) == 1
+    latest = {len(ids): (ids, first) for ids, first in seen}  # the drafts each length was last given
+    with torch.no_grad():
+        for ids, first in latest.values():
+            ids = torch.tensor([ids])
+            mtp = model.mtp_hidden(model.model(ids), ids, 1)[0]
+            assert first == model.logits(mtp[0, -2]).argmax().item()
+    assert len(done.prompt_token_ids) + done.forced.index(True) + 1 in latest
+
+
 def test_load_weights_in_place(small_vocab, tmp_path):
     """A state dict, then a checkpoint folder: outputs become the new model's, versions count up (or are set), the
     cache is the same; a checkpoint of another shape, or a load while requests run, is refused with the old

@@ -5,32 +5,20 @@ of token i+1), as vLLM keeps them. Depth 1 of the draft is the MTP output at a r
 feeds the previous depth's hidden and draft token one position further. Those speculative MTP positions are dropped
 afterwards (the next step rewrites them from real hidden states).
 
-Functions of (model, cache, tensors) only, so that the engine compiles a decode step's whole drafting as one graph
-(`mtp_draft`): the MTP block over the kept positions, k projections through the lm_head and draws, k - 1 recursive
-MTP steps. As k + 1 compiled calls with the projections and draws between them in eager mode, the same work cost the
-tiny shape about three times the block's own compute at batch 1 on CPU: each call's guards, wrappers and dispatch.
+Functions of (model, cache, tensors) only, so that a compiled graph holds the whole drafting (`mtp_draft`: the MTP
+block over the kept positions, k projections through the lm_head and draws, k - 1 recursive MTP steps): the decode
+step's (model.engine.step), or a prompt chunk's own (`prompt_draft`). As k + 1 compiled calls with the projections
+and draws between them in eager mode, the same work cost the tiny shape about three times the block's own compute at
+batch 1 on CPU: each call's guards, wrappers and dispatch.
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import torch
 
 from model.cache import HybridCache
-from model.engine.sampling import filtered_probs, sample
+from model.engine.sampling import Draws, sample
 from model.hybrid import NemotronH
-
-
-class Draws(NamedTuple):
-    """What drafting needs to sample the rows of a batch that do not decode greedily: their settings (b,) as
-    filtered_probs takes them, which rows are greedy (b,), and each row's uniforms (b, k) (unused for greedy rows)."""
-
-    temperature: torch.Tensor
-    top_k: torch.Tensor
-    top_p: torch.Tensor
-    greedy: torch.Tensor
-    uniforms: torch.Tensor
 
 
 def mtp_positions(
@@ -55,7 +43,7 @@ def draft(
         logits = model.logits(hidden)
         token = logits.argmax(-1)
         if draws is not None:
-            p = filtered_probs(logits, draws.temperature, draws.top_k, draws.top_p)
+            p = draws.probs(logits)
             token = torch.where(draws.greedy, token, sample(p, draws.uniforms[:, depth]))
             probs.append(p)
         tokens.append(token)

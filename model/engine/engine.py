@@ -3,15 +3,16 @@
 Each `step()`:
 1. admits waiting requests while cache rows are free;
 2. decodes every request past its prompt in one forward: the pending token plus, with speculation, k MTP drafts;
-   verifies the drafts (greedy or rejection sampling), keeps the accepted ones, and rewinds KV lengths and Mamba
-   states of each row to its last accepted token;
-3. spends what is left of `max_step_tokens` on prompt chunks of the requests still prefilling, oldest first;
-4. refreshes the MTP cache on the new positions and drafts the next k tokens (speculation only:
-   model.engine.drafting);
-5. returns one Delta per request that produced something, and frees the rows of finished requests.
+   verifies the drafts (greedy or rejection sampling), keeps the accepted ones, rewinds KV lengths and Mamba
+   states of each row to its last accepted token, and (speculation) writes the MTP cache at the kept positions and
+   drafts the next k tokens (model.engine.step, model.engine.drafting);
+3. spends what is left of `max_step_tokens` on prompt chunks of the requests still prefilling, oldest first; rows
+   that finish their prompt get their first token and, with speculation, their first drafts;
+4. returns one Delta per request that produced something, and frees the rows of finished requests.
 
-With `EngineConfig(compile=True)` the decode step's backbone forward and its drafting run through torch.compile
-with a dynamic batch dimension and Inductor's C++ wrapper (COMPILE_OPTIONS); prefill stays eager.
+With `EngineConfig(compile=True)` the decode step (model.engine.step: the forward, the verification and sampling, the
+drafting) runs as one torch.compile graph with a dynamic batch dimension and Inductor's C++ wrapper
+(COMPILE_OPTIONS); prefill stays eager.
 
 `load_weights` swaps in new weights (a trainer's, between rollouts) by copying them into the model's own tensors:
 the caches, their rows and the compiled graphs stay as they are (compiled code reads the parameters when it runs).
@@ -34,10 +35,9 @@ from model.checkpoint import from_pretrained
 from model.engine import drafting
 from model.engine.params import EngineConfig, SamplingParams
 from model.engine.reasoning import Thinking
-from model.engine.sampling import (
-    StepLogprobs, greedy_accept, logprobs_of, request_logits, request_settings, speculative_accept, step_logprobs,
-)
+from model.engine.sampling import Draws, StepLogprobs, logprobs_of, step_logprobs, verify
 from model.engine.sequence import Completion, Delta, Sequence
+from model.engine.step import decode_step
 from model.errors import UserError
 from model.hybrid import NemotronH
 from model.tokenizer import Tokenizer
@@ -146,8 +146,9 @@ class Engine:
         self._seeds = random.Random(config.seed)
         self._ids = itertools.count()
         self._newline: dict[int, bool] = {}
-        # Decode-step forwards, compiled when asked; prefill, whose lengths vary, always runs eagerly.
-        self._backbone = _compiled(model.model) if config.compile else model.model
+        # The decode step, compiled when asked; prefill, whose lengths vary, always runs eagerly. The drafting of rows
+        # that finish their prompt (or that the thinking budget moved) runs apart from the decode step.
+        self._step = _compiled(decode_step) if config.compile else decode_step
         self._drafts = {
             prompt: _compiled(draft) if config.compile and self.k else draft
             for prompt, draft in ((False, drafting.mtp_draft), (True, drafting.prompt_draft))
@@ -346,7 +347,11 @@ class Engine:
                 seq.finish("length")
         done = [row for row, s in enumerate(seqs) if not s.prompt_left and s.finish_reason is None]
         if done:
-            self._emit([seqs[row] for row in done], self.model.logits(h[done, -1:]))
+            first = [seqs[row] for row in done]
+            draws = self._draws(first, 1 + self.k)  # the first token's uniform, then the drafts'
+            logits = self.model.logits(h[done, -1:])
+            nothing = torch.zeros(len(done), 0, dtype=torch.long, device=self.device)
+            self._append(first, logits, *verify(nothing, logits, None, draws))
             for row in done:
                 following[row] = following[row] + seqs[row].tokens[-1:]
         if self.k:
@@ -362,15 +367,23 @@ class Engine:
                 rows, hidden, tokens, kept = mtp_inputs(prefilling)
                 drafting.mtp_positions(self.model, hidden, tokens, kept, self._select(self.mtp_cache, rows, compiled=False))
             if ready:
-                self._draft(*mtp_inputs(ready), prompt=True)
+                drafting_draws = None if draws is None else draws.rows([done.index(r) for r in ready]).after(1)
+                self._draft(*mtp_inputs(ready), drafting_draws, prompt=True)
 
     def _decode(self, seqs: list[Sequence]) -> None:
         k = self.k
         fed = torch.tensor([s.tokens[-1:] + s.drafts for s in seqs], device=self.device)  # (b, 1 + k)
         cache = self._select(self.cache, seqs, keep_positions=k > 0)
-        h = self._backbone(self._dynamic(fed, cache), cache)
+        mtp_cache = self._select(self.mtp_cache, seqs) if k else None
+        draws = self._draws(seqs, 2 * k + 1)
+        draft_probs = None
+        if draws is not None and k:
+            nothing = torch.zeros(k, self.vocab_size, device=self.device)  # a greedy row's, never read
+            draft_probs = torch.stack([nothing if s.draft_probs is None else s.draft_probs for s in seqs])
+        self._dynamic(fed, cache, mtp_cache, draft_probs, draws)
+        step = self._step(self.model, k, fed, cache, mtp_cache, draft_probs, draws)
         self.cache.advance(1 + k)
-        accepted, kept = self._emit(seqs, self.model.logits(h))
+        accepted, kept, proposals = self._append(seqs, step.logits, step.accepted, step.final, step.sampling)
         self.stats.decode_steps += 1
         self.stats.decode_rows += len(seqs)
         for depth in range(k):
@@ -380,39 +393,45 @@ class Engine:
             return
         self.cache.rewind(torch.tensor(kept, device=self.device), 1 + k)
         alive = [i for i, s in enumerate(seqs) if s.finish_reason is None]
-        if alive:
-            # MTP position i pairs h_i with the token that follows it: the kept tokens (padding past them is unused).
-            following = torch.tensor(
-                [seqs[i].tokens[-kept[i] :] + [0] * (1 + k - kept[i]) for i in alive], device=self.device
-            )
-            kept_alive = torch.tensor([kept[i] for i in alive], device=self.device)
-            self._draft([seqs[i] for i in alive], h[alive], following, kept_alive)
+        if not alive:
+            return
+        probs = step.draft_probs
+        self._set_drafts([seqs[i] for i in alive], step.drafts[alive], None if probs is None else probs[alive])
+        # A forced `</think>` replaced the last token these rows kept: the step drafted from the token it replaced
+        # (and gave the MTP cache accepted + 1 positions). Draft again from what they kept.
+        moved = [i for i in alive if seqs[i].tokens[-1] != proposals[i][kept[i] - 1]]
+        if moved:
+            rows = [seqs[i] for i in moved]
+            self.mtp_cache.lengths[[s.slot for s in rows]] -= torch.tensor([accepted[i] + 1 for i in moved],
+                                                                           device=self.device)
+            following = [seqs[i].tokens[-kept[i] :] + [0] * (1 + k - kept[i]) for i in moved]
+            self._draft(rows, step.hidden[moved], torch.tensor(following, device=self.device),
+                        torch.tensor([kept[i] for i in moved], device=self.device),
+                        None if draws is None else draws.rows(moved).after(k + 1))
 
     # --- MTP drafting -----------------------------------------------------------------------------------------------
     def _draft(
-        self, seqs: list[Sequence], h: torch.Tensor, following: torch.Tensor, kept: torch.Tensor, prompt: bool = False
+        self, seqs: list[Sequence], h: torch.Tensor, following: torch.Tensor, kept: torch.Tensor,
+        draws: Draws | None, prompt: bool = False,
     ) -> None:
         """Write the MTP positions of main hiddens h (b, t, d) and the tokens following them (b, t), keeping kept[i]
-        (b,) of row i, and draft k tokens for each row from its last kept position: one compiled graph when asked
-        (for a prompt chunk, one whose t may vary)."""
+        (b,) of row i, and draft k tokens for each row from its last kept position with draws (uniforms (b, k)): one
+        compiled graph when asked (for a prompt chunk, one whose t may vary)."""
         cache = self._select(self.mtp_cache, seqs)
-        dims = (0, 1) if prompt else (0,)
-        h, following = self._dynamic(h, cache, dims), self._dynamic(following, dims=dims)
-        drafts = self._drafts[prompt](self.model, self.k, h, following, self._dynamic(kept), cache, self._draws(seqs))
-        self._set_drafts(seqs, *drafts)
+        self._dynamic(h, following, dims=(0, 1) if prompt else (0,))
+        self._dynamic(kept, cache, draws)
+        self._set_drafts(seqs, *self._drafts[prompt](self.model, self.k, h, following, kept, cache, draws))
 
-    def _draws(self, seqs: list[Sequence]) -> drafting.Draws | None:
-        """The sampling settings and uniforms of drafting k tokens for seqs (batch dimension dynamic, as the compiled
-        drafting takes them); None when every row is greedy."""
-        sampled = [i for i, s in enumerate(seqs) if not s.params.greedy]
-        if not sampled:
+    def _draws(self, seqs: list[Sequence], n: int) -> Draws | None:
+        """How seqs sample, with n uniforms a row, each sampled row's from its request's own generator (so a seed
+        fixes a request's samples); None when every row is greedy."""
+        if all(s.params.greedy for s in seqs):
             return None
-        greedy = torch.ones(len(seqs), dtype=torch.bool, device=self.device)
-        greedy[sampled] = False
-        uniforms = torch.zeros(len(seqs), self.k, device=self.device)
-        uniforms[sampled] = self._uniforms([seqs[i] for i in sampled], self.k)
-        settings = request_settings([s.params for s in seqs], self.device)
-        return drafting.Draws(*(self._dynamic(x) for x in (*settings, greedy, uniforms)))
+        uniforms = torch.zeros(len(seqs), n)
+        for row, seq in enumerate(seqs):
+            if not seq.params.greedy:
+                uniforms[row] = torch.rand(n, generator=seq.generator)
+        return Draws.of([s.params for s in seqs], uniforms.to(self.device))
 
     def _set_drafts(self, seqs: list[Sequence], tokens: torch.Tensor, probs: torch.Tensor | None) -> None:
         """Hand each row its drafts (b, k) and, for a row that samples, their distributions (b, k, V)."""
@@ -427,79 +446,57 @@ class Engine:
         """Select the rows of seqs; compiled forwards get an index tensor (one kind of selection for every batch)."""
         return cache.select([s.slot for s in seqs], keep_positions, index=compiled and self.config.compile)
 
-    def _dynamic(self, x: torch.Tensor, cache: HybridCache | None = None, dims: tuple[int, ...] = (0,)) -> torch.Tensor:
-        """Mark dims (the batch) of a compiled forward's inputs as dynamic, so one graph serves every batch size
-        (dynamo still specialises a size of 1)."""
-        if self.config.compile:
-            for dim in dims:
-                torch._dynamo.maybe_mark_dynamic(x, dim)
-            if cache is not None and isinstance(cache.active, torch.Tensor):
-                torch._dynamo.maybe_mark_dynamic(cache.active, 0)
-        return x
+    def _dynamic(self, *inputs, dims: tuple[int, ...] = (0,)) -> None:
+        """Mark dims (the batch) of a compiled call's inputs as dynamic, so one graph serves every batch size
+        (dynamo still specialises a size of 1): tensors, a cache's row selection, the tensors of Draws; None skipped."""
+        if not self.config.compile:
+            return
+        for x in inputs:
+            if isinstance(x, HybridCache):
+                x = x.active
+            if isinstance(x, Draws):
+                self._dynamic(*x[:5])
+            elif isinstance(x, torch.Tensor):
+                for dim in dims:
+                    torch._dynamo.maybe_mark_dynamic(x, dim)
 
     # --- sampling ---------------------------------------------------------------------------------------------------
-    def _emit(self, seqs: list[Sequence], logits: torch.Tensor) -> tuple[list[int], list[int]]:
-        """Verify and sample each row's tokens from logits (b, 1 + k, V) of the positions fed (the drafts, then the
-        token after them) and append them to the sequences with their log-probabilities. Returns per row the drafts
-        accepted and the tokens kept."""
-        accepted, final, sampling = self._accept(seqs, logits)
+    def _append(
+        self, seqs: list[Sequence], logits: torch.Tensor, accepted: torch.Tensor, final: torch.Tensor,
+        sampling: torch.Tensor | None,
+    ) -> tuple[list[int], list[int], list[list[int]]]:
+        """Append each row's verified tokens (its first accepted[i] drafts, then final[i]) with their log-probabilities
+        from logits (b, 1 + k, V) and the sampling log-probabilities (as `verify` returns them). Returns per row the
+        drafts accepted, the tokens kept (a request may end, or the thinking budget replace a token) and the tokens
+        proposed."""
+        accepted, final = torch.stack([accepted, final]).tolist()
         proposals = [s.drafts[:a] + [f] for s, a, f in zip(seqs, accepted, final)]
         reported = self._logprobs(seqs, logits, sampling, proposals)
         kept = [s.append(tokens, lp) for s, tokens, lp in zip(seqs, proposals, reported)]
-        return accepted, kept
-
-    def _accept(
-        self, seqs: list[Sequence], logits: torch.Tensor
-    ) -> tuple[list[int], list[int], torch.Tensor | None]:
-        """Verify each row's drafts against logits (b, 1 + k, V). Returns per row the number of drafts accepted and
-        the token that follows them (the target's correction, or a bonus when all pass), and the log-probabilities
-        of the sampled rows' distributions (s, 1 + k, V) (None when every row is greedy)."""
-        k = logits.shape[1] - 1
-        sampled = [i for i, s in enumerate(seqs) if not s.params.greedy]
-        if not k and not sampled:  # plain greedy decoding: the argmax, without the verification machinery
-            return [0] * len(seqs), logits[:, 0].argmax(-1).tolist(), None
-        drafts = torch.tensor([s.drafts[:k] for s in seqs], dtype=torch.long, device=self.device).view(len(seqs), k)
-        accepted, final = greedy_accept(drafts, logits)
-        sampling = None
-        if sampled:
-            rows = [seqs[i] for i in sampled]
-            sampling = request_logits(logits[sampled], [s.params for s in rows]).log_softmax(-1)
-            target = sampling.exp()
-            draft_probs = (
-                torch.stack([s.draft_probs[:k] for s in rows]) if k else target.new_zeros(len(rows), 0, target.shape[-1])
-            )
-            a, f = speculative_accept(drafts[sampled], draft_probs, target, self._uniforms(rows, k + 1))
-            accepted[sampled], final[sampled] = a, f
-        return accepted.tolist(), final.tolist(), sampling
+        return accepted, kept, proposals
 
     def _logprobs(
         self, seqs: list[Sequence], logits: torch.Tensor, sampling: torch.Tensor | None, proposals: list[list[int]]
     ) -> list[StepLogprobs | None]:
         """Per row that reports log-probabilities, those of its proposed tokens under the distribution it reports
-        (SamplingParams.logprobs_mode: the raw model's, or the sampling distribution of a row that samples, which
-        _accept computed); None for the other rows."""
+        (SamplingParams.logprobs_mode: the raw model's, or the sampling distribution of a row that samples); None for
+        the other rows."""
         rows = [i for i, s in enumerate(seqs) if s.logprobs is not None]
         reported: list[StepLogprobs | None] = [None] * len(seqs)
         if not rows:
             return reported
-        sampled = {row: j for j, row in enumerate(i for i, s in enumerate(seqs) if not s.params.greedy)}
-        processed = [i for i in rows if seqs[i].params.logprobs_mode == "processed" and i in sampled]
-        if processed == rows and len(rows) == len(sampled):  # every row samples and reports what it samples
-            logp = sampling
+        processed = [i for i in rows if seqs[i].params.logprobs_mode == "processed" and not seqs[i].params.greedy]
+        if processed == rows:
+            logp = sampling if len(rows) == len(seqs) else sampling[rows]
         else:
             logp = torch.log_softmax(logits[rows].float(), -1)
             if processed:
-                at = [rows.index(i) for i in processed]
-                logp[at] = sampling[[sampled[i] for i in processed]]
+                logp[[rows.index(i) for i in processed]] = sampling[processed]
         t = logits.shape[1]
         tokens = torch.tensor([proposals[i] + [0] * (t - len(proposals[i])) for i in rows])
         for i, entry in zip(rows, step_logprobs(logp, tokens, [seqs[i].params.logprobs for i in rows])):
             reported[i] = entry
         return reported
-
-    def _uniforms(self, seqs: list[Sequence], n: int) -> torch.Tensor:
-        """(b, n) uniforms, each row from its request's own generator (so a seed fixes a request's samples)."""
-        return torch.stack([torch.rand(n, generator=s.generator) for s in seqs]).to(self.device)
 
     def _has_newline(self, token: int) -> bool:
         if token not in self._newline:

@@ -11,6 +11,7 @@ is drawn from q. The output then has exactly the target distribution q. Under gr
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -28,28 +29,55 @@ class TokenLogprob:
     top: list[tuple[int, float]]
 
 
+class Draws(NamedTuple):
+    """How the rows of a batch sample, for a batch where some row does not decode greedily: their settings (b,) as
+    filtered_logits takes them, which rows are greedy (b,), each row's uniforms (b, n) from its request's generator
+    (verification's first, then drafting's; unused by greedy rows), and whether any row truncates (top-k or top-p),
+    decided on the host so that compiled code skips the sort when none does."""
+
+    temperature: torch.Tensor
+    top_k: torch.Tensor
+    top_p: torch.Tensor
+    greedy: torch.Tensor
+    uniforms: torch.Tensor
+    truncate: bool
+
+    @classmethod
+    def of(cls, params: list[SamplingParams], uniforms: torch.Tensor) -> Draws:
+        """Row i's settings from params[i] (temperature 0 reads as 1: greedy rows take the argmax, which no
+        temperature moves) with its uniforms (b, n)."""
+        device = uniforms.device
+        return cls(
+            torch.tensor([p.temperature or 1.0 for p in params], dtype=torch.float32, device=device),
+            torch.tensor([p.top_k for p in params], dtype=torch.long, device=device),
+            torch.tensor([p.top_p for p in params], dtype=torch.float32, device=device),
+            torch.tensor([p.greedy for p in params], dtype=torch.bool, device=device),
+            uniforms,
+            any(p.top_k > 0 or p.top_p < 1 for p in params if not p.greedy),
+        )
+
+    def rows(self, index: list[int] | torch.Tensor) -> Draws:
+        """The draws of some rows."""
+        return Draws(*(x[index] for x in self[:5]), self.truncate)
+
+    def after(self, n: int) -> Draws:
+        """The same rows, their first n uniforms spent."""
+        return self._replace(uniforms=self.uniforms[:, n:])
+
+    def probs(self, logits: torch.Tensor) -> torch.Tensor:
+        """Each row's sampling distribution of logits (b, ..., V), fp32."""
+        return self.log_probs(logits).exp()
+
+    def log_probs(self, logits: torch.Tensor) -> torch.Tensor:
+        """Log of `probs`."""
+        return filtered_logits(logits, self.temperature, self.top_k, self.top_p, self.truncate).log_softmax(-1)
+
+
 def filtered_probs(
     logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor
 ) -> torch.Tensor:
     """As filtered_logits: the sampling distribution itself, fp32 (b, ..., V)."""
     return filtered_logits(logits, temperature, top_k, top_p).softmax(-1)
-
-
-def request_settings(
-    params: list[SamplingParams], device: torch.device | str
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Row i's (temperature, top_k, top_p) from params[i], as filtered_logits takes them (b,) (temperature 0 reads
-    as 1: greedy rows take the argmax, which no temperature moves)."""
-    return (
-        torch.tensor([p.temperature or 1.0 for p in params], dtype=torch.float32, device=device),
-        torch.tensor([p.top_k for p in params], dtype=torch.long, device=device),
-        torch.tensor([p.top_p for p in params], dtype=torch.float32, device=device),
-    )
-
-
-def request_logits(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
-    """filtered_logits of logits (b, ..., V) with row i's settings from params[i]."""
-    return filtered_logits(logits, *request_settings(params, logits.device))
 
 
 def sample(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
@@ -86,6 +114,24 @@ def speculative_accept(
     residual = (final_q - final_p).clamp(min=0)
     residual = torch.where(residual.sum(-1, keepdim=True) > 0, residual, final_q)  # q == p: any draw from q is exact
     return accepted, sample(residual, uniforms[:, k])
+
+
+def verify(
+    drafts: torch.Tensor, logits: torch.Tensor, draft_probs: torch.Tensor | None, draws: Draws | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """A step's tokens from the target's logits (b, k+1, V) at the fed positions, drafts (b, k) (k may be 0): greedy
+    rows by greedy_accept, the others by speculative_accept with their draft distributions (b, k, V) and the first
+    k + 1 of their uniforms. Returns (accepted (b,), final (b,), the sampling log-probabilities (b, k+1, V) of every
+    row, or None when draws is None: every row greedy)."""
+    accepted, final = greedy_accept(drafts, logits)
+    if draws is None:
+        return accepted, final, None
+    k = drafts.shape[1]
+    sampling = draws.log_probs(logits)
+    if draft_probs is None:  # nothing drafted (k = 0)
+        draft_probs = sampling.new_zeros(len(drafts), 0, sampling.shape[-1])
+    a, f = speculative_accept(drafts, draft_probs, sampling.exp(), draws.uniforms[:, : k + 1])
+    return torch.where(draws.greedy, accepted, a), torch.where(draws.greedy, final, f), sampling
 
 
 def logprobs_of(logits: torch.Tensor, tokens: torch.Tensor, top: int) -> list[TokenLogprob]:
