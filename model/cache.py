@@ -81,11 +81,12 @@ class MambaCache:
         self.history = (conv.to(self.conv.dtype), self._rounded(ssm))
         self._write(self.history[0][:, -1], self.history[1][:, -1])
 
-    def rewind(self, kept: torch.Tensor) -> None:
-        """Set each selected row's state to the one after its first kept[i] positions of the current forward."""
+    def rewind(self, kept: torch.Tensor | None) -> None:
+        """Set each selected row's state to the one after its first kept[i] positions of the current forward (None:
+        every row keeps them all, and with them the last state, which store_positions wrote)."""
         conv, ssm = self.history
         self.history = None
-        if bool((kept < conv.shape[1]).any()):  # else every row keeps the last state, which store_positions wrote
+        if kept is not None:
             pick = torch.arange(len(kept), device=kept.device)
             self._write(conv[pick, kept - 1], ssm[pick, kept - 1])  # rounded already
 
@@ -176,14 +177,16 @@ class HybridCache:
     def advance(self, t: int) -> None:
         self.lengths[self.active] += t
 
-    def rewind(self, kept: torch.Tensor, fed: int) -> None:
+    def rewind(self, kept: list[int], fed: int) -> None:
         """After a forward of `fed` tokens with keep_positions, keep only the first kept[i] (1..fed) of them in
         selected row i: lengths step back and Mamba states return to the state after the last kept token."""
-        self.lengths[self.active] -= fed - kept
         self.keep_positions = False
+        partial = torch.tensor(kept, device=self.lengths.device) if min(kept) < fed else None
+        if partial is not None:
+            self.lengths[self.active] -= fed - partial
         for layer in self.layers:
             if isinstance(layer, MambaCache):
-                layer.rewind(kept)
+                layer.rewind(partial)
 
     def nbytes(self) -> int:
         """Bytes the cache holds (all rows)."""

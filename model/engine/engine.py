@@ -391,12 +391,14 @@ class Engine:
             self.stats.accepted[depth] += sum(a > depth for a in accepted)
         if not k:
             return
-        self.cache.rewind(torch.tensor(kept, device=self.device), 1 + k)
+        self.cache.rewind(kept, 1 + k)
         alive = [i for i, s in enumerate(seqs) if s.finish_reason is None]
         if not alive:
             return
-        probs = step.draft_probs
-        self._set_drafts([seqs[i] for i in alive], step.drafts[alive], None if probs is None else probs[alive])
+        drafts, probs = step.drafts, step.draft_probs
+        if len(alive) < len(seqs):
+            drafts, probs = drafts[alive], None if probs is None else probs[alive]
+        self._set_drafts([seqs[i] for i in alive], drafts, probs)
         # A forced `</think>` replaced the last token these rows kept: the step drafted from the token it replaced
         # (and gave the MTP cache accepted + 1 positions). Draft again from what they kept.
         moved = [i for i in alive if seqs[i].tokens[-1] != proposals[i][kept[i] - 1]]
