@@ -457,7 +457,7 @@ class Engine:
             if isinstance(x, HybridCache):
                 x = x.active
             if isinstance(x, Draws):
-                self._dynamic(*x[:5])
+                self._dynamic(*x.tensors)
             elif isinstance(x, torch.Tensor):
                 for dim in dims:
                     torch._dynamo.maybe_mark_dynamic(x, dim)

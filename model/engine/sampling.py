@@ -56,9 +56,14 @@ class Draws(NamedTuple):
             any(p.top_k > 0 or p.top_p < 1 for p in params if not p.greedy),
         )
 
+    @property
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        """Every field but `truncate`: the per-row tensors."""
+        return self[:-1]
+
     def rows(self, index: list[int] | torch.Tensor) -> Draws:
         """The draws of some rows."""
-        return Draws(*(x[index] for x in self[:5]), self.truncate)
+        return Draws(*(x[index] for x in self.tensors), self.truncate)
 
     def after(self, n: int) -> Draws:
         """The same rows, their first n uniforms spent."""
@@ -66,7 +71,7 @@ class Draws(NamedTuple):
 
     def probs(self, logits: torch.Tensor) -> torch.Tensor:
         """Each row's sampling distribution of logits (b, ..., V), fp32."""
-        return self.log_probs(logits).exp()
+        return filtered_probs(logits, self.temperature, self.top_k, self.top_p, self.truncate)
 
     def log_probs(self, logits: torch.Tensor) -> torch.Tensor:
         """Log of `probs`."""
@@ -74,10 +79,11 @@ class Draws(NamedTuple):
 
 
 def filtered_probs(
-    logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor
+    logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
+    truncate: bool | None = None,
 ) -> torch.Tensor:
     """As filtered_logits: the sampling distribution itself, fp32 (b, ..., V)."""
-    return filtered_logits(logits, temperature, top_k, top_p).softmax(-1)
+    return filtered_logits(logits, temperature, top_k, top_p, truncate).softmax(-1)
 
 
 def sample(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
