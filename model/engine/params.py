@@ -94,9 +94,10 @@ class EngineConfig:
     seed: int = 0
     """Seeds requests without their own seed, and stochastic rounding."""
     compile: bool = False
-    """Compile the decode step with torch.compile: fused kernels instead of hundreds of small ops per token, worth
-    several times the decode speed of small models on CPU. The first steps wait for the compiler (tens of seconds);
-    attention then spans the whole cache row (masked) so that shapes stay static."""
+    """Compile the decode step (and a single row's short prompt chunks) with torch.compile: fused kernels instead of
+    hundreds of small ops per token, worth several times the decode speed of small models on CPU. The first steps
+    wait for the compiler (tens of seconds); attention then spans the whole cache row (masked) so that shapes stay
+    static."""
 
     def __post_init__(self) -> None:
         if self.max_batch < 1:
