@@ -22,8 +22,7 @@ from n3cli.options import (
     Resume,
     Sets,
     default_checkpoint,
-    load_preset,
-    resumed_preset,
+    stage_preset,
 )
 
 
@@ -46,13 +45,8 @@ def run(
     position, RULER and the short-context loss, before and after."""
     from presets import check_extend
 
-    shortcuts = [f"extend.{key}={value}" for key, value in (("train.seq_len", seq_len),
-                                                           ("document_masking", masking)) if value is not None]
-    sets = [*(overrides or []), *shortcuts]
-    cfg = load_preset(preset, sets)
-    run_dir = out or Path("runs") / f"{cfg.name}-extend"
-    if resume:
-        cfg = resumed_preset(run_dir, preset, sets)
+    cfg, run_dir = stage_preset(preset, overrides, "extend", out, resume,
+                                {"extend.train.seq_len": seq_len, "extend.document_masking": masking})
     if data:
         cfg = dataclasses.replace(cfg, extend=dataclasses.replace(cfg.extend, data=list(data), weights=[]))
         check_extend(cfg)

@@ -23,9 +23,8 @@ from n3cli.options import (
     Sets,
     Weights,
     default_checkpoint,
-    load_preset,
     parse_weights,
-    resumed_preset,
+    stage_preset,
 )
 
 BUILT_IN = ("math", "code", "instructions")
@@ -61,11 +60,7 @@ def run(
     against each teacher's."""
     from model.errors import UserError
 
-    sets = list(overrides or [])
-    cfg = load_preset(preset, sets)
-    run_dir = out or Path("runs") / f"{cfg.name}-mopd"
-    if resume:
-        cfg = resumed_preset(run_dir, preset, sets)
+    cfg, run_dir = stage_preset(preset, overrides, "mopd", out, resume)
     md = cfg.mopd
     from stages.envs.environments import load_environments, weights_by_name, with_preset_levels
 

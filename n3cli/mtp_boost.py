@@ -24,9 +24,8 @@ from n3cli.options import (
     Sets,
     Weights,
     default_checkpoint,
-    load_preset,
     parse_weights,
-    resumed_preset,
+    stage_preset,
 )
 
 POST_TRAINED = ("sft", "rlvr", "mopd")
@@ -59,14 +58,9 @@ def run(
     from model.errors import UserError
     from stages.envs.environments import load_environments, weights_by_name, with_preset_levels
 
-    shortcuts = [f"mtp_boost.{key}={value}" for key, value in (("train.mtp_depths", depths),
-                                                              ("temperature", temperature), ("inputs", inputs))
-                 if value is not None]
-    sets = [*(overrides or []), *shortcuts]
-    cfg = load_preset(preset, sets)
-    run_dir = out or Path("runs") / f"{cfg.name}-mtp-boost"
-    if resume:
-        cfg = resumed_preset(run_dir, preset, sets)
+    cfg, run_dir = stage_preset(preset, overrides, "mtp-boost", out, resume, {
+        "mtp_boost.train.mtp_depths": depths, "mtp_boost.temperature": temperature, "mtp_boost.inputs": inputs,
+    })
     mb = cfg.mtp_boost
     sources = None
     if data:

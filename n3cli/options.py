@@ -71,6 +71,19 @@ def resumed_preset(run_dir: Path, preset: str, overrides: list[str] | None) -> R
     return load_preset(str(saved[0].resolve()), overrides)
 
 
+def stage_preset(
+    preset: str, overrides: list[str] | None, run_name: str, out: Path | None, resume: bool,
+    options: dict[str, object] | None = None,
+) -> tuple[RunConfig, Path]:
+    """A stage command's RunConfig and run folder: `--preset` with `--set` and the command's own options on top
+    (options maps preset keys to the values given; None is not given), and `--out` or runs/<preset>-<run_name>; with
+    --resume, the preset that folder saved, with the same on top."""
+    sets = [*(overrides or []), *(f"{key}={value}" for key, value in (options or {}).items() if value is not None)]
+    cfg = load_preset(preset, sets)
+    run_dir = out or Path("runs") / f"{cfg.name}-{run_name}"
+    return (resumed_preset(run_dir, preset, sets) if resume else cfg), run_dir
+
+
 def default_checkpoint(checkpoint: Path | None, resume: bool, made_by: tuple[str, ...], role: str = "",
                        required: bool = True) -> Path | None:
     """--checkpoint as given, or (a new run) the newest run under runs/ that one of the stages `made_by` wrote, the

@@ -27,7 +27,7 @@ from n3cli.options import (
     default_checkpoint,
     load_preset,
     parse_weights,
-    resumed_preset,
+    stage_preset,
 )
 
 app = typer.Typer()
@@ -62,33 +62,35 @@ def rlvr(
     if ctx.invoked_subcommand is not None:
         return
 
-    sets = list(overrides or [])
-    cfg = load_preset(preset, sets)
-    if resume:
-        run_dir = out or Path("runs") / f"{cfg.name}-rlvr"
-        cfg = resumed_preset(run_dir, preset, sets)
-    # Set on the config itself, not through --set: paths and URLs may hold the commas a --set list splits at.
+    # The run folder's name holds the environments, which the preset's levels complete: the fresh preset names it.
+    names = _apply_env_options(load_preset(preset, overrides), env, weight, server, allow_weak_isolation)
+    cfg, run_dir = stage_preset(preset, overrides, "rlvr" + ("-" + "-".join(names) if env else ""), out, resume)
+    _apply_env_options(cfg, env, weight, server, allow_weak_isolation)
+    checkpoint = default_checkpoint(checkpoint, resume, ("sft",))
+    if dry_run:
+        _plan(cfg, checkpoint)
+        return
+    _train(cfg, run_dir, checkpoint, resume)
+
+
+def _apply_env_options(cfg, env: list[str] | None, weight: list[str] | None, server: str | None,
+                       allow_weak_isolation: bool) -> list[str]:
+    """Set --env, --weight, --server and --allow-weak-isolation on cfg.rlvr (on the config itself, not through --set:
+    paths and URLs may hold the commas a --set list splits at); the names the blend's environments go by."""
     if env:
         from stages.envs.environments import with_preset_levels
 
         cfg.rlvr.envs = with_preset_levels(env, cfg.rlvr.envs)
     cfg.rlvr.server = server or cfg.rlvr.server
     cfg.rlvr.allow_weak_isolation = allow_weak_isolation or cfg.rlvr.allow_weak_isolation
-    names = list(cfg.rlvr.envs)
-    if weight or env:  # the names a blend's environments go by (a class names itself)
-        from stages.envs.environments import load_environments, weights_by_name
+    if not (weight or env):
+        return list(cfg.rlvr.envs)
+    from stages.envs.environments import load_environments, weights_by_name
 
-        envs = load_environments(cfg.rlvr.envs, cfg.rlvr.weights)
-        names = list(envs)
-        if weight:
-            cfg.rlvr.weights = weights_by_name(envs, parse_weights(weight))
-    suffix = "-" + "-".join(names) if env else ""
-    run_dir = out or Path("runs") / f"{cfg.name}-rlvr{suffix}"
-    checkpoint = default_checkpoint(checkpoint, resume, ("sft",))
-    if dry_run:
-        _plan(cfg, checkpoint)
-        return
-    _train(cfg, run_dir, checkpoint, resume)
+    envs = load_environments(cfg.rlvr.envs, cfg.rlvr.weights)  # a class names itself
+    if weight:
+        cfg.rlvr.weights = weights_by_name(envs, parse_weights(weight))
+    return list(envs)
 
 
 def _train(cfg, run_dir: Path, checkpoint: Path | None, resume: bool) -> None:

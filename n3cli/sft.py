@@ -24,9 +24,8 @@ from n3cli.options import (
     Sets,
     Weights,
     default_checkpoint,
-    load_preset,
     parse_weights,
-    resumed_preset,
+    stage_preset,
 )
 
 
@@ -52,13 +51,8 @@ def run(
     held-out accuracy before and after."""
     from model.errors import UserError
 
-    shortcuts = [f"sft.{key}={value}" for key, value in (("train_on", train_on), ("lora.rank", lora),
-                                                          ("epochs", epochs)) if value is not None]
-    sets = [*(overrides or []), *shortcuts]
-    cfg = load_preset(preset, sets)
-    run_dir = out or Path("runs") / f"{cfg.name}-sft"
-    if resume:
-        cfg = resumed_preset(run_dir, preset, sets)
+    cfg, run_dir = stage_preset(preset, overrides, "sft", out, resume,
+                                {"sft.train_on": train_on, "sft.lora.rank": lora, "sft.epochs": epochs})
     sources = None
     if data:
         from stages.chat.sources import parse_chat_sources

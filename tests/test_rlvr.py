@@ -154,6 +154,14 @@ def test_bad_input_is_one_line_and_exit_2(base, args, message):
     assert not (base / "bad" / "checkpoints").exists()
 
 
+def test_resume_of_a_single_domain_run_reads_its_own_folder(tmp_path, monkeypatch, capsys):
+    """`n3 rlvr --env math --resume` continues runs/cpu-rlvr-math (where `n3 rlvr --env math` writes), not the
+    unified run's folder."""
+    monkeypatch.chdir(tmp_path)
+    status, _, err = cli(capsys, "rlvr", "--env", "math", "--resume")
+    assert status == 2 and "runs/cpu-rlvr-math is not a run folder" in err, err
+
+
 def test_a_checkpoint_without_a_chat_template_is_refused(base, tmp_path, capsys):
     plain = tmp_path / "plain"
     n3.save_pretrained(random_model(), plain)
