@@ -212,6 +212,31 @@ def test_compiled_blocks_train_like_eager_ones(monkeypatch):
     assert notes == ["train.compile: torch.compile does not work here (no C++ compiler); training eagerly"]
 
 
+def test_compiled_blocks_train_at_a_second_length():
+    """Compiled Mamba blocks trained at one length, then at another (extend's short iterations after its long ones),
+    give eager's gradients. Compiled dynamic in the length, inductor's CPU backward (torch 2.13) corrupted the heap
+    at these widths (a head of 16 floats: one AVX-512 vector) and glibc aborted the process at the second length."""
+    from stages.runtime import compiling
+
+    torch._dynamo.reset()
+    cfg = tiny_config(pattern="MM", chunk_size=16, ssm_state_size=16, mamba_head_dim=16, mamba_groups=1,
+                      mamba_num_heads=4)
+    generator = torch.Generator().manual_seed(1)
+    batches = [torch.randint(0, 64, (2, t), generator=generator) for t in (16, 32)]
+
+    def gradients(compile: bool) -> list[torch.Tensor]:
+        torch.manual_seed(0)
+        model = build(cfg)
+        if compile:
+            assert compiling.compile_blocks(model, lambda note: None) == 2
+        for ids in batches:
+            model.logits(model.model(ids)).logsumexp(-1).mean().backward()
+        return [p.grad.clone() for p in model.model.parameters()]
+
+    for compiled, eager in zip(gradients(True), gradients(False)):
+        torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-6)
+
+
 def test_monitor_warns_on_maxvio_and_residual_jumps():
     monitor = Monitor(maxvio_limit=5.0, residual_jump=2.0)
     assert monitor.check(1, [1.2, 1.3], [1.0, 2.0], ["2", "mtp.1"]) == []

@@ -22,10 +22,27 @@ def compile_blocks(model: nn.Module, note: Callable[[str], None]) -> int:
         return 0
     # children(): the main stack is a ModuleList, or a pipeline stage's ModuleDict of its sublayers
     layers = list(model.model.layers.children()) + (list(model.mtp.layers) if model.mtp is not None else [])
+    # Every block's graphs are entries of the one Block.forward: a graph per kind of block, sequence length and grad
+    # mode, where dynamo's default limit (8) would send the rest to eager code.
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
     for block in layers:
-        block.compile()
+        block.forward = _static_in_length(torch.compile(block.forward))
     note(f"train.compile: {len(layers)} blocks compile during the first steps")
     return len(layers)
+
+
+def _static_in_length(forward: Callable) -> Callable:
+    """A compiled block's forward with the sequence dimension (1) of its tensor arguments static: a graph per length,
+    dynamic only in the batch. Inductor's CPU code for the backward of a block whose length is symbolic (torch 2.13,
+    vectorized C++) writes out of bounds: glibc aborts ("double free or corruption") at the first step of a second
+    length, as an `n3 extend` run's short iterations after its long ones. Training meets only a few lengths."""
+    def call(*args, **kwargs):
+        for x in (*args, *kwargs.values()):
+            if isinstance(x, torch.Tensor) and x.dim() > 1:
+                torch._dynamo.mark_static(x, 1)
+        return forward(*args, **kwargs)
+
+    return call
 
 
 def _toolchain_problem() -> str | None:
