@@ -22,11 +22,13 @@ def compile_blocks(model: nn.Module, note: Callable[[str], None]) -> int:
         return 0
     # children(): the main stack is a ModuleList, or a pipeline stage's ModuleDict of its sublayers
     layers = list(model.model.layers.children()) + (list(model.mtp.layers) if model.mtp is not None else [])
+    from model.engine.engine import RECOMPILE_LIMIT
+
     # Every block's graphs are entries of the one Block.forward: a graph per kind of block, sequence length and grad
-    # mode, where dynamo's default limit (8) would send the rest to eager code.
-    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+    # mode, where dynamo's default limit (8) would send the rest to eager code. Scoped to these calls, as the engine's.
+    limit = torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT)
     for block in layers:
-        block.forward = _static_in_length(torch.compile(block.forward))
+        block.forward = _static_in_length(limit(torch.compile(block.forward)))
     note(f"train.compile: {len(layers)} blocks compile during the first steps")
     return len(layers)
 
