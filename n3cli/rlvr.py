@@ -27,7 +27,7 @@ from n3cli.options import (
     default_checkpoint,
     load_preset,
     parse_weights,
-    stage_preset,
+    resumed_preset,
 )
 
 app = typer.Typer()
@@ -62,10 +62,14 @@ def rlvr(
     if ctx.invoked_subcommand is not None:
         return
 
-    # The run folder's name holds the environments, which the preset's levels complete: the fresh preset names it.
-    names = _apply_env_options(load_preset(preset, overrides), env, weight, server, allow_weak_isolation)
-    cfg, run_dir = stage_preset(preset, overrides, "rlvr" + ("-" + "-".join(names) if env else ""), out, resume)
-    _apply_env_options(cfg, env, weight, server, allow_weak_isolation)
+    # Not stage_preset: the run folder's name holds the environments, which the preset's levels complete, so the
+    # fresh preset names the folder whose saved preset --resume then reads.
+    cfg = load_preset(preset, overrides)
+    names = _apply_env_options(cfg, env, weight, server, allow_weak_isolation)
+    run_dir = out or Path("runs") / f"{cfg.name}-rlvr{'-' + '-'.join(names) if env else ''}"
+    if resume:
+        cfg = resumed_preset(run_dir, preset, overrides)
+        _apply_env_options(cfg, env, weight, server, allow_weak_isolation)
     checkpoint = default_checkpoint(checkpoint, resume, ("sft",))
     if dry_run:
         _plan(cfg, checkpoint)
