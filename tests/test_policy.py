@@ -134,6 +134,32 @@ def test_packed_rollouts_give_each_reply_its_own_logprobs():
     assert sum(int((b.targets != IGNORE).sum()) for b in batches) == sum(t.trained_tokens for t in items)
 
 
+def test_kl_to_the_reference_stays_finite_under_truncated_sampling():
+    """With top-p sampling the policy samples tokens outside the reference's nucleus; the KL takes the reference's
+    whole distribution, so it stays finite (the reference's truncated log-prob of such a token is -inf)."""
+    torch.manual_seed(0)
+    policy = PolicyObjective(build(tiny_config(initializer_range=0.2))).train()
+    torch.manual_seed(1)
+    reference = PolicyObjective(build(tiny_config(initializer_range=0.2))).requires_grad_(False)
+    sampling = Sampling(1.0, top_p=0.3)
+    items = []
+    for i, prompt in enumerate(torch.randint(0, 64, (4, 5)).tolist()):
+        ids = list(prompt)
+        with torch.no_grad():
+            for _ in range(6):  # the policy's greedy reply: inside its own nucleus at any top-p
+                ids.append(int(policy.model(torch.tensor([ids]))[0, -1].argmax()))
+        items.append(Trajectory(prompt, ids[5:], [0.0] * 6, [True] * 6, advantage=float(i % 2) - 0.5, env="math",
+                                group=i // 2))
+    weights = [torch.full((6,), 1 / 24) for _ in items]
+    batches = pack_trajectories(items, weights, 24, 2, pad_id=0)
+    truncated = torch.cat([reference(b.input_ids, b.targets, b.seq_idx, sampling)["logp"] for b in batches])
+    assert torch.isinf(truncated).any()  # the case that matters: some of the policy's tokens lie outside
+    stats, _ = accumulate_policy_gradients(policy, batches, sampling, PolicyLossSettings(kl_coeff=0.1), "fp32",
+                                           World(0, 1, 0, torch.device("cpu")), reference)
+    assert 0 < stats["kl"] < float("inf") and abs(stats["loss"]) < float("inf")
+    assert all(torch.isfinite(p.grad).all() for p in policy.parameters() if p.grad is not None)
+
+
 def step_gradients(objective, batches, world) -> dict[str, torch.Tensor]:
     accumulate_policy_gradients(objective, batches, Sampling(0.9), PolicyLossSettings(tis_cap=3.0), "fp32", world)
     return {name: p.grad.clone() for name, p in distributed.unwrap(objective).named_parameters()

@@ -83,9 +83,12 @@ class PolicyObjective(nn.Module):
 
 def reference_logprobs(reference: PolicyObjective, micro_batch: PolicyMicroBatch, sampling: Sampling
                        ) -> torch.Tensor:
-    """The frozen reference policy's log-probs of a micro-batch's target tokens."""
+    """The frozen reference policy's log-probs of a micro-batch's target tokens, under its whole distribution at the
+    sampling temperature: the KL term pulls toward the reference, which samples nothing, and its top-k / top-p
+    truncation would give -inf (an infinite KL) to every token the policy samples outside the reference's nucleus."""
     with torch.no_grad():
-        return reference(micro_batch.input_ids, micro_batch.targets, micro_batch.seq_idx, sampling)["logp"]
+        return reference(micro_batch.input_ids, micro_batch.targets, micro_batch.seq_idx,
+                         Sampling(sampling.temperature))["logp"]
 
 
 @torch.no_grad()
