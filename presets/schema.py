@@ -275,7 +275,8 @@ class RLVRConfig(RolloutConfig):
     clip_high: float = 0.28
     """DAPO's clip-higher; set equal to clip_low for the symmetric PPO clip."""
     kl_coeff: float = field(default=0.0, metadata={"min": 0})
-    """KL to the frozen starting policy (k3); 0 loads no reference."""
+    """KL to the frozen starting policy (k3, against its whole distribution at the sampling temperature: no top-k or
+    top-p); 0 loads no reference."""
     tis_cap: float = field(default=0.0, metadata={"min": 0})
     """Truncated importance sampling against the engine's log-probs, weight min(pi_learner / pi_engine, cap); 0: off."""
     filter_zero_variance: bool = True
