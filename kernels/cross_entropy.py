@@ -31,7 +31,8 @@ def linear_cross_entropy(
     return (losses * row_weights).sum(), losses
 
 
-def _chunk_rows(weight: torch.Tensor) -> int:
+def chunk_rows(weight: torch.Tensor) -> int:
+    """Rows per chunk of (rows, vocab) logits through `weight`, CHUNK_ELEMENTS of them."""
     return max(1, CHUNK_ELEMENTS.get(weight.device.type, 1 << 24) // weight.shape[0])
 
 
@@ -39,7 +40,7 @@ def _row_losses(hidden, weight, labels, gradients=None, row_weights=None):
     """Losses per row; with `gradients` = (grad_hidden, grad_weight fp32) also fills them, for a loss of
     sum(row_weights * losses)."""
     losses = torch.zeros(hidden.shape[0], dtype=torch.float32, device=hidden.device)
-    step = _chunk_rows(weight)
+    step = chunk_rows(weight)
     # In plain fp32 one logits buffer serves every chunk: a fresh multi-MB tensor per chunk costs page faults on CPU.
     plain = hidden.dtype == weight.dtype == torch.float32 and not torch.is_autocast_enabled(hidden.device.type)
     buffer = torch.empty(min(step, hidden.shape[0]), weight.shape[0], device=hidden.device) if plain else None

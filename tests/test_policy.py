@@ -9,6 +9,7 @@ import torch.multiprocessing as mp
 
 import presets
 from kernels.cross_entropy import IGNORE
+from kernels import cross_entropy, logprobs
 from kernels.logprobs import linear_logprobs
 from model.engine.sampling import filtered_probs
 from model.hybrid import build
@@ -21,8 +22,13 @@ from tests.conftest import free_port
 from tests.test_model import tiny_config
 
 
+@pytest.mark.parametrize("keep", [True, False], ids=["kept", "recomputed"])
 @pytest.mark.parametrize("temperature,top_k,top_p", [(1.0, 0, 1.0), (0.7, 5, 0.9), (1.3, 0, 0.5)])
-def test_linear_logprobs_are_those_of_the_sampling_distribution(temperature, top_k, top_p):
+def test_linear_logprobs_are_those_of_the_sampling_distribution(temperature, top_k, top_p, keep, monkeypatch):
+    """Values, entropies and gradients (under per-token loss weights, over chunks of rows) against the materialised
+    distribution, with the forward's probabilities kept for the backward and recomputed in it."""
+    monkeypatch.setitem(cross_entropy.CHUNK_ELEMENTS, "cpu", 40 * 64)  # chunks of 64 rows
+    monkeypatch.setitem(logprobs.KEEP_BYTES, "cpu", (1 << 30) if keep else 0)
     gen = torch.Generator().manual_seed(0)
     hidden = torch.randn(300, 16, generator=gen, dtype=torch.float64).float().requires_grad_()
     weight = torch.randn(40, 16, generator=gen).requires_grad_()
@@ -37,14 +43,35 @@ def test_linear_logprobs_are_those_of_the_sampling_distribution(temperature, top
     torch.testing.assert_close(entropy, -plogp.sum(-1), atol=1e-5, rtol=1e-5)
 
     # The gradient is that of the materialised log-softmax over the kept tokens.
-    logp.sum().backward()
+    loss_weights = torch.randn(300, generator=gen)
+    (logp * loss_weights).sum().backward()
     grads = hidden.grad.clone(), weight.grad.clone()
     hidden.grad = weight.grad = None
     full = (hidden @ weight.T) / temperature
     full = full.masked_fill(probs == 0, float("-inf")).log_softmax(-1)
-    full.gather(1, tokens[:, None]).sum().backward()
+    (full.gather(1, tokens[:, None]).squeeze(1) * loss_weights).sum().backward()
     torch.testing.assert_close(grads[0], hidden.grad, atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(grads[1], weight.grad, atol=1e-5, rtol=1e-4)
+
+
+def test_a_token_outside_the_kept_set_gets_no_gradient():
+    """-inf log-prob (a token top-k could not have drawn) and a zero gradient, not NaN, through both backward paths."""
+    hidden = torch.randn(4, 8, generator=torch.Generator().manual_seed(1)).requires_grad_()
+    weight = torch.randn(10, 8, generator=torch.Generator().manual_seed(2)).requires_grad_()
+    tokens = (hidden @ weight.T).argmin(-1).detach()  # the least likely: outside the top 2
+    logp, _ = linear_logprobs(hidden, weight, tokens, 1.0, 2, 1.0)
+    assert torch.isinf(logp).all()
+    logp.sum().backward()
+    assert torch.equal(hidden.grad, torch.zeros_like(hidden)) and torch.equal(weight.grad, torch.zeros_like(weight))
+
+
+def test_an_empty_selection_still_reaches_the_weights():
+    """A rank with no trained token backpropagates zeros, so its data-parallel reduction matches the others'."""
+    hidden, weight = torch.randn(3, 8).requires_grad_(), torch.randn(10, 8).requires_grad_()
+    logp, entropy = linear_logprobs(hidden[:0], weight, torch.zeros(0, dtype=torch.long))
+    assert logp.shape == entropy.shape == (0,) and logp.requires_grad and not entropy.requires_grad
+    logp.sum().backward()
+    assert torch.equal(weight.grad, torch.zeros_like(weight)) and torch.equal(hidden.grad, torch.zeros_like(hidden))
 
 
 def test_group_advantages():
