@@ -148,6 +148,21 @@ class HybridCache:
                 layer.conv[row] = 0
                 layer.ssm[row] = 0
 
+    def copy_rows(self, sources: list[int], targets: list[int]) -> None:
+        """Make each target row hold what its source row holds: the same prefix (length, keys and values up to it)
+        and the same Mamba states. Rows that fed the same tokens then continue as if each had fed them itself."""
+        src = torch.tensor(sources, device=self.lengths.device)
+        dst = torch.tensor(targets, device=self.lengths.device)
+        self.lengths[dst] = self.lengths[src]
+        span = int(self.lengths[src].max())
+        for layer in self.layers:
+            if isinstance(layer, KVCache):
+                layer.k[dst, :, :span] = layer.k[src, :, :span]
+                layer.v[dst, :, :span] = layer.v[src, :, :span]
+            elif isinstance(layer, MambaCache):
+                layer.conv[dst] = layer.conv[src]
+                layer.ssm[dst] = layer.ssm[src]
+
     def release(self, row: int) -> None:
         self.free.append(row)
         self.free.sort()

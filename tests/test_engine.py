@@ -257,6 +257,29 @@ def test_logprobs_and_prompt_logprobs_match_the_full_forward(model):
     assert all(e.top[0][0] == e.token_id for e in c.logprobs)  # greedy: the chosen token is the top one
 
 
+@pytest.mark.parametrize("step_tokens", [40, 12])
+def test_samples_of_one_prompt_share_its_prefill(model, monkeypatch, step_tokens):
+    """Four samples of one prompt and one of another, the prompts fed whole or in chunks: the shared prompt's tokens
+    run through the model once (and count once against a step's budget), and every sample continues from the copied
+    cache row as if it had fed the prompt itself: its tokens' log-probs are those of a full forward over prompt and
+    reply."""
+    engine = Engine(model, config=EngineConfig(max_batch=5, max_len=48, max_step_tokens=step_tokens))
+    fed = []
+    forward = engine._prompt_forward
+    monkeypatch.setattr(engine, "_prompt_forward", lambda ids, seqs: fed.append(ids.numel()) or forward(ids, seqs))
+    prompts = [PROMPTS[3]] * 4 + [PROMPTS[4]]
+    params = [SamplingParams(temperature=1.0, max_tokens=8, logprobs=0, seed=seed) for seed in range(5)]
+    done = engine.generate(prompts, params)
+    assert sum(fed) == len(PROMPTS[3]) + len(PROMPTS[4])
+    assert len({tuple(c.token_ids) for c in done[:4]}) > 1
+    for prompt, completion in zip(prompts, done):
+        ids = prompt + completion.token_ids
+        with torch.no_grad():
+            reference = torch.log_softmax(model(torch.tensor([ids]))[0], -1)
+        for position, entry in enumerate(completion.logprobs, start=len(prompt) - 1):
+            assert math.isclose(entry.logprob, reference[position, entry.token_id].item(), abs_tol=1e-4)
+
+
 def test_loglikelihood(model):
     context = PROMPTS[0]
     greedy = naive_greedy(model, context, 3)

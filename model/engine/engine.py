@@ -6,8 +6,9 @@ Each `step()`:
    verifies the drafts (greedy or rejection sampling), keeps the accepted ones, rewinds KV lengths and Mamba
    states of each row to its last accepted token, and (speculation) writes the MTP cache at the kept positions and
    drafts the next k tokens (model.engine.step, model.engine.drafting);
-3. spends what is left of `max_step_tokens` on prompt chunks of the requests still prefilling, oldest first; rows
-   that finish their prompt get their first token and, with speculation, their first drafts;
+3. spends what is left of `max_step_tokens` on prompt chunks of the requests still prefilling, oldest first (rows
+   with the same prompt, such as the samples of one RL prompt, are fed once and count once); rows that finish their
+   prompt get their first token and, with speculation, their first drafts;
 4. returns one Delta per request that produced something, and frees the rows of finished requests.
 
 With `EngineConfig(compile=True)` the decode step (model.engine.step: the forward, the verification and sampling, the
@@ -291,12 +292,15 @@ class Engine:
             self._decode(decoding)
         budget = self.config.max_step_tokens - len(decoding) * (1 + self.k)
         chunks: dict[int, list[Sequence]] = {}  # prompt chunks of equal length run as one forward
+        scheduled: dict[tuple, int] = {}  # a row's twin (same prompt, as far fed) comes along at no cost: _prefill
         for seq in [s for s in self.running if s.prompt_left and s.finish_reason is None]:
-            if budget <= 0:
-                break
-            n = min(budget, seq.prompt_left)
-            chunks.setdefault(n, []).append(seq)
-            budget -= n
+            twin = (seq.prefilled, seq.prompt_key)
+            if twin in scheduled:
+                chunks[scheduled[twin]].append(seq)
+            elif budget > 0:
+                n = scheduled[twin] = min(budget, seq.prompt_left)
+                chunks.setdefault(n, []).append(seq)
+                budget -= n
         for n, seqs in chunks.items():
             self._prefill(seqs, n)
         self.stats.steps += 1
@@ -330,11 +334,20 @@ class Engine:
         return deltas
 
     def _prefill(self, seqs: list[Sequence], n: int) -> None:
-        """Feed the next n prompt tokens of each sequence; those that finish their prompt get their first token."""
+        """Feed the next n prompt tokens of each sequence; those that finish their prompt get their first token.
+        Rows with the same prompt, fed as far (the samples of one prompt, as RL draws them), are fed once: the
+        first of them runs the forward and the others copy its cache row and hidden states."""
         starts = [s.prefilled for s in seqs]
-        ids = torch.tensor([s.prompt[i : i + n] for s, i in zip(seqs, starts)], device=self.device)
-        h = self._prompt_forward(ids, seqs)
+        first: dict[tuple, int] = {}
+        source = [first.setdefault((i, s.prompt_key), row) for row, (s, i) in enumerate(zip(seqs, starts))]
+        unique = sorted(first.values())
+        ids = torch.tensor([seqs[row].prompt[starts[row] : starts[row] + n] for row in unique], device=self.device)
+        h = self._prompt_forward(ids, [seqs[row] for row in unique])
         self.cache.advance(n)
+        if len(unique) < len(seqs):
+            copies = [row for row in range(len(seqs)) if source[row] != row]
+            self.cache.copy_rows([seqs[source[row]].slot for row in copies], [seqs[row].slot for row in copies])
+            h = h[[unique.index(row) for row in source]]
         # The token after each fed position, where the prompt knows it.
         following = [s.prompt[i + 1 : i + n + 1] for s, i in zip(seqs, starts)]
         for row, seq in enumerate(seqs):

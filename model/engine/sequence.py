@@ -93,6 +93,8 @@ class Sequence:
     ):
         self.request_id = request_id
         self.prompt = prompt
+        self.prompt_key = tuple(prompt)
+        """The prompt as a dict key: the engine feeds the prompt chunks of rows with equal keys once."""
         self.params = params
         self.max_tokens = max_tokens
         self.stop_ids = stop_ids
