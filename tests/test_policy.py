@@ -54,8 +54,10 @@ def test_linear_logprobs_are_those_of_the_sampling_distribution(temperature, top
     torch.testing.assert_close(grads[1], weight.grad, atol=1e-5, rtol=1e-4)
 
 
-def test_a_token_outside_the_kept_set_gets_no_gradient():
+@pytest.mark.parametrize("keep", [True, False], ids=["kept", "recomputed"])
+def test_a_token_outside_the_kept_set_gets_no_gradient(keep, monkeypatch):
     """-inf log-prob (a token top-k could not have drawn) and a zero gradient, not NaN, through both backward paths."""
+    monkeypatch.setitem(logprobs.KEEP_BYTES, "cpu", (1 << 30) if keep else 0)
     hidden = torch.randn(4, 8, generator=torch.Generator().manual_seed(1)).requires_grad_()
     weight = torch.randn(10, 8, generator=torch.Generator().manual_seed(2)).requires_grad_()
     tokens = (hidden @ weight.T).argmin(-1).detach()  # the least likely: outside the top 2

@@ -340,14 +340,15 @@ class Engine:
         starts = [s.prefilled for s in seqs]
         first: dict[tuple, int] = {}
         source = [first.setdefault((i, s.prompt_key), row) for row, (s, i) in enumerate(zip(seqs, starts))]
-        unique = sorted(first.values())
+        unique = list(first.values())  # in row order
         ids = torch.tensor([seqs[row].prompt[starts[row] : starts[row] + n] for row in unique], device=self.device)
         h = self._prompt_forward(ids, [seqs[row] for row in unique])
         self.cache.advance(n)
         if len(unique) < len(seqs):
             copies = [row for row in range(len(seqs)) if source[row] != row]
             self.cache.copy_rows([seqs[source[row]].slot for row in copies], [seqs[row].slot for row in copies])
-            h = h[[unique.index(row) for row in source]]
+            position = {row: i for i, row in enumerate(unique)}
+            h = h[[position[row] for row in source]]
         # The token after each fed position, where the prompt knows it.
         following = [s.prompt[i + 1 : i + n + 1] for s, i in zip(seqs, starts)]
         for row, seq in enumerate(seqs):
